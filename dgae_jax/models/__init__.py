@@ -1,0 +1,1 @@
+"""Flax NNX modules only: no losses, no training logic, no mesh logic."""
