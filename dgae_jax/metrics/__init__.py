@@ -1,0 +1,1 @@
+"""Evaluation and perceptual metrics (LPIPS) used by dgae_jax."""
