@@ -1,0 +1,264 @@
+"""The autoencoder as pure functions of (params, inputs, rng): DGAE and the SD-VAE baseline.
+
+`Autoencoder` holds no trainable state. Its static part is the config; its only array leaves are
+the frozen LPIPS weights, so that when the object is passed *as an argument* to a jitted function
+(`jax.jit(Autoencoder.loss_fn)(ae, params, batch, rng)`) those weights enter the executable as
+inputs rather than as constants baked into it. `params` is a plain nested dict
+{'encoder', 'decoder'[, 'discriminator']} of float32 arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from dgae_jax import diffusion
+from dgae_jax.metrics import lpips
+from dgae_jax.models.conv_decoder import ConvDecoder
+from dgae_jax.models.discriminator import PatchDiscriminator
+from dgae_jax.models.encoder import Encoder
+from dgae_jax.models.unet import ADM_CHANNEL_MULT, UNet
+
+Params = dict[str, Any]
+Metrics = dict[str, jax.Array]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Posterior:
+    """Diagonal Gaussian q(z|x) with SD-VAE's log-variance clipping to [-30, 20]."""
+
+    mean: jax.Array
+    logvar: jax.Array
+
+    @classmethod
+    def from_moments(cls, moments: jax.Array) -> "Posterior":
+        mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
+        return cls(mean, jnp.clip(logvar, -30.0, 20.0))
+
+    def sample(self, rng: jax.Array) -> jax.Array:
+        """Reparameterised z = mean + std * n."""
+        return self.mean + jnp.exp(0.5 * self.logvar) * jax.random.normal(rng, self.mean.shape)
+
+    def kl(self) -> jax.Array:
+        """KL(q || N(0, I)) summed over each example's latent elements, shape (B,)."""
+        terms = self.mean**2 + jnp.exp(self.logvar) - 1.0 - self.logvar
+        return 0.5 * jnp.sum(terms, axis=tuple(range(1, self.mean.ndim)))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """One-line errors naming the bad field, raised before anything is built."""
+    m = config.model
+    f = 2 ** (len(m.encoder.channel_mult) - 1)
+    if f != m.spatial_factor:
+        raise ValueError(f"model.encoder.channel_mult has {len(m.encoder.channel_mult)} levels, "
+                         f"a factor of {f}, but model.spatial_factor is {m.spatial_factor}")
+    if config.image_size % f:
+        raise ValueError(f"image_size={config.image_size} is not divisible by the spatial "
+                         f"factor {f}")
+    if m.decoder not in ("diffusion", "conv"):
+        raise ValueError(f"model.decoder={m.decoder!r} is not 'diffusion' or 'conv'")
+    if m.decoder == "diffusion":
+        mult = unet_channel_mult(config)
+        if config.image_size % 2 ** (len(mult) - 1):
+            raise ValueError(f"image_size={config.image_size} is not divisible by the U-Net's "
+                             f"{len(mult) - 1} downsamplings (model.unet.channel_mult)")
+        if config.diffusion.time_sampling not in diffusion.TIME_SAMPLINGS:
+            raise ValueError(f"diffusion.time_sampling={config.diffusion.time_sampling!r} is not "
+                             f"one of {diffusion.TIME_SAMPLINGS}")
+        if config.diffusion.sampler not in diffusion.SAMPLERS:
+            raise ValueError(f"diffusion.sampler={config.diffusion.sampler!r} is not one of "
+                             f"{diffusion.SAMPLERS}")
+        if config.diffusion.spacing not in diffusion.SPACINGS:
+            raise ValueError(f"diffusion.spacing={config.diffusion.spacing!r} is not one of "
+                             f"{diffusion.SPACINGS}")
+    if m.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"model.dtype={m.dtype!r} is not float32, bfloat16 or float16")
+
+
+def unet_channel_mult(config: ml_collections.ConfigDict) -> tuple:
+    mult = tuple(config.model.unet.channel_mult)
+    if mult:
+        return mult
+    if config.image_size not in ADM_CHANNEL_MULT:
+        raise ValueError(f"model.unet.channel_mult is empty and ADM has no default for "
+                         f"image_size={config.image_size}; set it explicitly")
+    return ADM_CHANNEL_MULT[config.image_size]
+
+
+def _build(config: ml_collections.FrozenConfigDict, name: str, rngs: nnx.Rngs) -> nnx.Module:
+    m = config.model
+    common = dict(resolution=config.image_size, latent_channels=m.latent_channels,
+                  norm_groups=m.norm_groups, dtype=jnp.dtype(m.dtype), rngs=rngs)
+    if name == "encoder":
+        return Encoder(**common, **m.encoder)
+    if name == "decoder" and m.decoder == "diffusion":
+        unet = dict(m.unet, channel_mult=unet_channel_mult(config))
+        return UNet(**common, **unet)
+    if name == "decoder":
+        return ConvDecoder(**common, **m.conv_decoder)
+    return PatchDiscriminator(**m.discriminator, dtype=common["dtype"], rngs=rngs)
+
+
+@functools.lru_cache(maxsize=16)
+def _graphdefs(config: ml_collections.FrozenConfigDict, names: tuple[str, ...]) -> dict:
+    return {n: nnx.split(nnx.eval_shape(lambda n=n: _build(config, n, nnx.Rngs(0))))[0]
+            for n in names}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Autoencoder:
+    config: ml_collections.FrozenConfigDict = dataclasses.field(metadata=dict(static=True))
+    lpips_weights: Any = None
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> "Autoencoder":
+        """Validates the config and loads LPIPS (failing loudly if its weights are missing)."""
+        validate(config)
+        weights = (lpips.load_weights(config.loss.lpips_net)
+                   if config.loss.lpips_weight > 0 else None)
+        return cls(ml_collections.FrozenConfigDict(config), weights)
+
+    # ----------------------------------------------------------------------------- structure
+    @property
+    def module_names(self) -> tuple[str, ...]:
+        gan = self.config.model.decoder == "conv" and self.config.loss.gan_weight > 0
+        return ("encoder", "decoder") + (("discriminator",) if gan else ())
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        m = self.config.model
+        return (self.config.image_size // m.spatial_factor,) * 2 + (m.latent_channels,)
+
+    def init(self, rng: jax.Array) -> Params:
+        """Fresh float32 parameters; jit it with out_shardings to create them sharded."""
+        keys = jax.random.split(rng, len(self.module_names))
+        return {n: nnx.to_pure_dict(nnx.state(_build(self.config, n, nnx.Rngs(k))))
+                for n, k in zip(self.module_names, keys)}
+
+    def _module(self, params: Params, name: str) -> nnx.Module:
+        return nnx.merge(_graphdefs(self.config, self.module_names)[name], params[name])
+
+    # ----------------------------------------------------------------------------- inference
+    def encode(self, params: Params, x: jax.Array, rng: jax.Array | None = None) -> Posterior:
+        """x: (B, H, W, 3) in [-1, 1] -> q(z|x). `rng` is unused; kept for a uniform API."""
+        del rng
+        dtype = jnp.dtype(self.config.model.dtype)
+        return Posterior.from_moments(self._module(params, "encoder")(x.astype(dtype)))
+
+    def velocity(self, params: Params, x_t: jax.Array, t: jax.Array, z: jax.Array) -> jax.Array:
+        dtype = jnp.dtype(self.config.model.dtype)
+        unet = self._module(params, "decoder")
+        return unet(x_t.astype(dtype), t, z.astype(dtype)).astype(jnp.float32)
+
+    def decode(self, params: Params, z: jax.Array, rng: jax.Array, steps: int | None = None,
+               sampler: str | None = None, spacing: str | None = None) -> jax.Array:
+        """z -> image in about [-1, 1].
+
+        DGAE starts from Gaussian noise drawn with `rng` and integrates the flow ODE for `steps`
+        steps (defaults from config.diffusion; jit with these three as static arguments). The
+        conv baseline is deterministic and ignores them.
+        """
+        dtype = jnp.dtype(self.config.model.dtype)
+        if self.config.model.decoder == "conv":
+            return self._module(params, "decoder")(z.astype(dtype)).astype(jnp.float32)
+        d = self.config.diffusion
+        size = self.config.image_size
+        noise = jax.random.normal(rng, (z.shape[0], size, size, 3))
+        return diffusion.sample(lambda x_t, t: self.velocity(params, x_t, t, z), noise,
+                                steps or d.sample_steps, sampler or d.sampler,
+                                spacing or d.spacing)
+
+    def reconstruct(self, params: Params, x: jax.Array, rng: jax.Array, **decode_kwargs):
+        """Decode the posterior mean (the deterministic code of x)."""
+        return self.decode(params, self.encode(params, x).mean, rng, **decode_kwargs)
+
+    # ----------------------------------------------------------------------------- training
+    def _lpips(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        return jnp.mean(lpips.lpips_distance(self.lpips_weights, a, b,
+                                             net=self.config.loss.lpips_net,
+                                             dtype=jnp.dtype(self.config.model.dtype)))
+
+    def loss_fn(self, params: Params, batch: dict, rng: jax.Array,
+                step: jax.Array | int = 0) -> tuple[jax.Array, Metrics]:
+        """Total loss and every term separately. `step` gates the conv baseline's GAN.
+
+        `rng` splits into three keys: the posterior sample, the diffusion time, the noise.
+        """
+        x = batch["image"].astype(jnp.float32)
+        rng_z, rng_t, rng_eps = jax.random.split(rng, 3)
+        posterior = self.encode(params, x)
+        z = posterior.sample(rng_z)
+        kl = jnp.mean(posterior.kl())
+        if self.config.model.decoder == "diffusion":
+            loss, metrics = self._diffusion_terms(params, x, z, rng_t, rng_eps)
+        else:
+            loss, metrics = self._conv_terms(params, x, z, step)
+        loss = loss + self.config.loss.kl_weight * kl
+        return loss, {"loss": loss, "kl": kl, **metrics}
+
+    def _diffusion_terms(self, params, x, z, rng_t, rng_eps):
+        """alpha * |v_hat - v|^2 + eta * LPIPS(x_t - t v_hat, x)   (paper Eq. 8 minus KL)."""
+        w, d = self.config.loss, self.config.diffusion
+        t = diffusion.sample_time(rng_t, x.shape[0], d.time_sampling, d.time_loc, d.time_scale)
+        eps = jax.random.normal(rng_eps, x.shape)
+        x_t = diffusion.interpolate(x, eps, t)
+        v_hat = self.velocity(params, x_t, t, z)
+        mse = jnp.mean((v_hat - diffusion.velocity_target(x, eps)) ** 2)
+        x0_hat = diffusion.clean_estimate(x_t, t, v_hat)
+        loss = w.velocity_weight * mse
+        metrics = {"velocity_mse": mse, "x0_mse": jnp.mean((x0_hat - x) ** 2)}
+        if w.lpips_weight > 0:
+            metrics["lpips"] = self._lpips(x0_hat, x)
+            loss = loss + w.lpips_weight * metrics["lpips"]
+        return loss, metrics
+
+    def _conv_terms(self, params, x, z, step):
+        """SD-VAE: L1 + LPIPS, plus the PatchGAN hinge game with the adaptive weight."""
+        w = self.config.loss
+        dtype = jnp.dtype(self.config.model.dtype)
+        decoder = self._module(params, "decoder")
+        h = decoder.features(z.astype(dtype))
+        x_hat = decoder.conv_out(h).astype(jnp.float32)
+
+        def reconstruction(img):
+            l1 = jnp.mean(jnp.abs(img - x))
+            lp = self._lpips(img, x) if w.lpips_weight > 0 else jnp.zeros(())
+            return w.l1_weight * l1 + w.lpips_weight * lp, {"l1": l1, "lpips": lp}
+
+        rec, metrics = reconstruction(x_hat)
+        if "discriminator" not in params:
+            return rec, metrics
+        disc = self._module(params, "discriminator")
+        frozen_disc = self._module(jax.lax.stop_gradient(params), "discriminator")
+
+        def generator(img):
+            return -jnp.mean(frozen_disc(img.astype(dtype)))
+
+        g_loss = generator(x_hat)
+        # SD-VAE's adaptive weight: |grad rec| / |grad gan| at the decoder's last layer kernel.
+        head_def, head_state = nnx.split(decoder.conv_out)
+        h_fixed = jax.lax.stop_gradient(h)
+        _, head_vjp = jax.vjp(lambda s: nnx.merge(head_def, s)(h_fixed).astype(jnp.float32),
+                              jax.lax.stop_gradient(head_state))
+        x_fixed = jax.lax.stop_gradient(x_hat)
+        g_rec = head_vjp(jax.grad(lambda i: reconstruction(i)[0])(x_fixed))[0]["kernel"][...]
+        g_gan = head_vjp(jax.grad(generator)(x_fixed))[0]["kernel"][...]
+        adaptive = jnp.clip(jnp.linalg.norm(g_rec) / (jnp.linalg.norm(g_gan) + 1e-4), 0.0, 1e4)
+        adaptive = jax.lax.stop_gradient(adaptive) * w.gan_weight
+        on = (jnp.asarray(step) >= w.gan_start).astype(jnp.float32)
+        logits_real = disc(jax.lax.stop_gradient(x).astype(dtype))
+        logits_fake = disc(x_fixed.astype(dtype))
+        d_loss = 0.5 * (jnp.mean(jax.nn.relu(1.0 - logits_real))
+                        + jnp.mean(jax.nn.relu(1.0 + logits_fake)))
+        loss = rec + on * (adaptive * g_loss + d_loss)
+        metrics.update(g_loss=g_loss, d_loss=d_loss, gan_weight=adaptive, gan_on=on,
+                       logits_real=jnp.mean(logits_real), logits_fake=jnp.mean(logits_fake))
+        return loss, metrics

@@ -1,0 +1,111 @@
+"""Builds the autoencoder configs that `configs/f8.py`, `f16.py`, `f32.py` expose.
+
+A config file calls `autoencoder_config(factor, arg)`, where `arg` is the text after the colon
+in `--config=configs/f16.py:c=8,size=M`: comma-separated variants, each `key=value` or a bare
+flag. Paper facts and our gap-fills (see shared/reference/dgae-paper.md) are marked where set.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# SD-VAE encoder levels per spatial factor (CompVis configs; f16 widths as the issue fixes them).
+ENCODER_CHANNEL_MULT = {8: (1, 2, 4, 4), 16: (1, 1, 2, 2, 4), 32: (1, 1, 2, 2, 4, 4)}
+# Self-attention inside the encoder/conv-decoder levels at these feature sizes (CompVis).
+ENCODER_ATTN = {8: (), 16: (16,), 32: (16, 8)}
+# Latent channels the paper pairs with each factor for a 4096-d latent at 256 px.
+DEFAULT_CHANNELS = {8: 4, 16: 16, 32: 64}
+# U-Net base width of DGAE-B / M / L (paper Table 1: 122M / 276M / 491M decoders).
+UNET_WIDTH = {"B": 128, "M": 192, "L": 256}
+
+VARIANTS = ("c", "size", "decoder", "res", "demo")
+
+
+def parse_variants(arg: str | None) -> dict[str, str]:
+    """'c=8,size=M,demo' -> {'c': '8', 'size': 'M', 'demo': ''}; unknown keys are an error."""
+    out = {}
+    for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+        key, _, value = item.partition("=")
+        if key not in VARIANTS:
+            raise ValueError(f"unknown config variant {key!r}; known: {', '.join(VARIANTS)}")
+        out[key] = value
+    return out
+
+
+def autoencoder_config(factor: int, arg: str | None = None) -> ml_collections.ConfigDict:
+    v = parse_variants(arg)
+    size = v.get("size", "B")
+    if size not in UNET_WIDTH:
+        raise ValueError(f"size={size!r} is not one of {', '.join(UNET_WIDTH)}")
+    decoder = v.get("decoder", "diffusion")
+    if decoder not in ("diffusion", "conv"):
+        raise ValueError(f"decoder={decoder!r} is not 'diffusion' or 'conv'")
+
+    c = ml_collections.ConfigDict()
+    c.name = f"f{factor}"
+    c.seed = 0
+    c.image_size = int(v.get("res", 256))
+    c.batch_size = 96  # paper: global batch 96, "matching SD-VAE"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.spatial_factor = factor
+    c.model.latent_channels = int(v.get("c", DEFAULT_CHANNELS[factor]))
+    c.model.decoder = decoder  # 'diffusion' = DGAE, 'conv' = the SD-VAE baseline
+    c.model.dtype = "bfloat16"  # compute dtype; parameters are always float32
+    c.model.norm_groups = 32
+    c.model.encoder = dict(width=128, channel_mult=ENCODER_CHANNEL_MULT[factor],
+                           num_res_blocks=2, attn_resolutions=ENCODER_ATTN[factor])
+    # ADM U-Net; channel_mult () means ADM's table for image_size (1,1,2,2,4,4 at 256 px).
+    c.model.unet = dict(width=UNET_WIDTH[size], channel_mult=(), num_res_blocks=2,
+                        attn_resolutions=(16, 8), head_channels=64, time_scale=1000.0)
+    c.model.conv_decoder = dict(width=128, channel_mult=ENCODER_CHANNEL_MULT[factor],
+                                num_res_blocks=2, attn_resolutions=ENCODER_ATTN[factor])
+    c.model.discriminator = dict(width=64, num_layers=3)
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.time_sampling = "logit_normal"  # gap-fill (epsilon-VAE); or 'uniform'
+    c.diffusion.time_loc = 0.0
+    c.diffusion.time_scale = 1.0
+    c.diffusion.sample_steps = 25  # gap-fill: the paper does not state its decode steps
+    c.diffusion.sampler = "euler"  # 'euler' | 'heun'
+    c.diffusion.spacing = "uniform"  # 'uniform' | 'reversed_log'
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.velocity_weight = 1.0  # alpha (gap-fill)
+    c.loss.kl_weight = 1e-6  # beta, on the per-image KL sum (SD-VAE's convention)
+    c.loss.lpips_weight = 0.5  # eta (gap-fill, epsilon-VAE's value)
+    c.loss.lpips_net = "vgg16"  # the paper's choice; 'alexnet' is ~15x cheaper
+    c.loss.l1_weight = 1.0  # conv baseline only
+    c.loss.gan_weight = 0.0  # conv baseline only; > 0 enables the PatchGAN
+    c.loss.gan_start = 50_001  # CompVis disc_start
+    if decoder == "conv":  # SD-VAE's loss: L1 + LPIPS(1.0) + KL + adaptive PatchGAN(0.5)
+        c.loss.lpips_weight = 1.0
+        c.loss.gan_weight = 0.5
+
+    if "demo" in v:
+        _shrink_to_demo(c, factor)
+    return c
+
+
+def _shrink_to_demo(c: ml_collections.ConfigDict, factor: int) -> None:
+    """A 64 px model small enough to train on a laptop CPU in minutes."""
+    c.name += "-demo"
+    c.image_size = 64
+    c.batch_size = 16
+    c.model.dtype = "float32"  # bfloat16 is emulated (slow) on CPUs
+    c.model.norm_groups = 8
+    c.model.encoder.width = 32
+    c.model.encoder.num_res_blocks = 1
+    c.model.encoder.attn_resolutions = ()
+    c.model.unet.width = 32
+    c.model.unet.channel_mult = (1, 2, 2, 4)
+    c.model.unet.num_res_blocks = 1
+    c.model.unet.attn_resolutions = (8,)
+    c.model.unet.head_channels = 32
+    c.model.conv_decoder.width = 32
+    c.model.conv_decoder.num_res_blocks = 1
+    c.model.conv_decoder.attn_resolutions = ()
+    c.model.discriminator.width = 32
+    c.diffusion.sample_steps = 10
+    c.loss.lpips_net = "alexnet"
+    c.loss.gan_start = 2_000

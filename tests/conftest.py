@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny configs (16-32 px, a few channels) so each test compiles in seconds."""
+
+import numpy as np
+import pytest
+import skimage.data
+from skimage.transform import resize
+
+from dgae_jax import config_lib
+
+
+def make_tiny_config(factor=8, decoder="diffusion", *, size=32, c=4, gan=0.0):
+    levels = {8: 4, 16: 5, 32: 6}[factor]
+    cfg = config_lib.autoencoder_config(factor, f"decoder={decoder},c={c}")
+    cfg.image_size = size
+    cfg.batch_size = 4
+    cfg.model.dtype = "float32"
+    cfg.model.norm_groups = 4
+    cfg.model.encoder.update(width=8, channel_mult=(1,) + (2,) * (levels - 1), num_res_blocks=1,
+                             attn_resolutions=(8,))
+    cfg.model.unet.update(width=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,),
+                          head_channels=8)
+    cfg.model.conv_decoder.update(width=8, channel_mult=(1,) + (2,) * (levels - 1),
+                                  num_res_blocks=1, attn_resolutions=(8,))
+    cfg.model.discriminator.update(width=8, num_layers=2)
+    cfg.diffusion.sample_steps = 4
+    cfg.loss.lpips_net = "alexnet"
+    cfg.loss.gan_weight = gan
+    cfg.loss.gan_start = 0
+    return cfg
+
+
+@pytest.fixture
+def tiny_config():
+    return make_tiny_config
+
+
+def photo_batch(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """n random crops of real photographs bundled with scikit-image, float32 in [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    photos = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee(),
+              skimage.data.rocket()]
+    out = []
+    for i in range(n):
+        img = photos[i % len(photos)]
+        crop = min(img.shape[:2]) // 2
+        y = rng.integers(0, img.shape[0] - crop)
+        x = rng.integers(0, img.shape[1] - crop)
+        patch = resize(img[y:y + crop, x:x + crop], (size, size), anti_aliasing=True)
+        out.append(patch * 2.0 - 1.0)
+    return np.stack(out).astype(np.float32)
+
+
+@pytest.fixture
+def photos():
+    return photo_batch
