@@ -1,0 +1,56 @@
+"""Config variants, validation errors and the `--mode=summary` command line."""
+
+import json
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from dgae_jax import config_lib
+from dgae_jax.autoencoder import validate
+
+
+def test_variants():
+    c = config_lib.autoencoder_config(16, "c=8,size=M,res=128")
+    assert (c.model.latent_channels, c.model.unet.width, c.image_size) == (8, 192, 128)
+    conv = config_lib.autoencoder_config(32, "decoder=conv")
+    assert conv.model.decoder == "conv" and conv.loss.gan_weight == 0.5
+    assert conv.model.latent_channels == 64
+    demo = config_lib.autoencoder_config(16, "demo")
+    assert demo.image_size == 64 and demo.model.dtype == "float32"
+    validate(demo)
+
+
+@pytest.mark.parametrize("arg,match", [("colour=red", "unknown config variant 'colour'"),
+                                       ("size=XL", "size='XL'"),
+                                       ("decoder=gan", "decoder='gan'")])
+def test_bad_variants(arg, match):
+    with pytest.raises(ValueError, match=match):
+        config_lib.autoencoder_config(16, arg)
+
+
+def test_validation_names_the_field():
+    c = config_lib.autoencoder_config(16)
+    c.image_size = 200
+    with pytest.raises(ValueError, match="image_size=200 is not divisible by the spatial factor"):
+        validate(c)
+    c = config_lib.autoencoder_config(16)
+    c.diffusion.sampler = "ddim"
+    with pytest.raises(ValueError, match="diffusion.sampler='ddim'"):
+        validate(c)
+    c = config_lib.autoencoder_config(16, "res=96")
+    with pytest.raises(ValueError, match="model.unet.channel_mult"):
+        validate(c)
+
+
+def test_summary_cli_prints_json_last():
+    out = subprocess.run(
+        [sys.executable, "-m", "dgae_jax.main", "--config=configs/f16.py", "--mode=summary",
+         "--config.batch_size=8"], capture_output=True, text=True, check=True, timeout=600)
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    assert record["latent_shape"] == [16, 16, 16]
+    assert abs(record["decoder_params"] / 122e6 - 1) < 0.03
+    assert 25e6 < record["encoder_params"] < 36e6
+    assert record["train_step_flops"] > 1e12 * 8  # > 1 TFLOP per 256 px image
+    assert "encoder/mid_attn" in out.stdout  # the per-module table
