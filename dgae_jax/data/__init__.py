@@ -1,0 +1,1 @@
+"""Input pipelines: random-access image sources (sources.py) and grain streams (pipeline.py)."""

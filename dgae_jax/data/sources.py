@@ -1,0 +1,300 @@
+"""Random-access image sources for grain: `len(src)` and `src[i] -> {"image", "label"}`.
+
+Every source returns the full RGB image as uint8 (H, W, 3) and an int label; cropping and
+resizing happen in pipeline.py. Nothing here imports jax or downloads anything: the data
+workers stay light, and a dataset that is not on disk is an immediate error, never a download.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+from PIL import Image
+
+from dgae_jax.config_lib import ConfigError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def to_rgb(image) -> np.ndarray:
+    """Any uint8 HxW, HxWx1, HxWx3 or HxWx4 array -> contiguous uint8 HxWx3 (alpha dropped)."""
+    image = np.asarray(image)
+    if image.dtype == bool:
+        image = image.astype(np.uint8) * 255
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got dtype {image.dtype}")
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected an HxW, HxWx1, HxWx3 or HxWx4 image, got shape {image.shape}")
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    return np.ascontiguousarray(image[..., :3])
+
+
+def crop_resize(image: np.ndarray, box, size: int) -> np.ndarray:
+    """Crop `box` = (x0, y0, x1, y1) (float pixel edges) and resize it to size x size.
+
+    One PIL call does both, filtering from the full-resolution pixels: bicubic with the kernel
+    widened on downscaling, i.e. antialiased, and much cheaper than resizing the whole image.
+    """
+    h, w = image.shape[:2]
+    if tuple(box) == (0, 0, w, h) and h == w == size:
+        return image
+    x0, y0, x1, y1 = (float(b) for b in box)
+    box = (max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1))  # Float round-off.
+    out = Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC, box=box)
+    return np.asarray(out)
+
+
+# --------------------------------------------------------------------------- embedded photos
+
+def _load_skimage(name: str) -> np.ndarray:
+    import skimage.data  # Local import: only the embedded source needs scikit-image.
+
+    if name == "motorcycle":
+        return skimage.data.stereo_motorcycle()[0]  # The left view of the stereo pair.
+    return getattr(skimage.data, name)()
+
+
+@functools.lru_cache(maxsize=None)
+def load_photo(name: str) -> np.ndarray:
+    """One bundled scikit-image photograph as read-only uint8 RGB (cached per process)."""
+    image = to_rgb(_load_skimage(name))
+    image.flags.writeable = False
+    return image
+
+
+class EmbeddedPhotos:
+    """The real photographs bundled inside scikit-image (no download), as a tiny dataset.
+
+    PHOTOS is every `skimage.data` image that loads offline and is a photograph (or a scan) of
+    a real scene at least 172 px on its shorter side; grayscale ones are stacked to RGB. Left
+    out: those fetched with pooch (brain, eagle, lily, ...: they fail offline), `cat` (the same
+    picture as `chelsea`), binary/synthetic ones (binary_blobs, checkerboard, horse, logo,
+    shepp_logan_phantom), and tiny ones (lfw_subset 25 px, microaneurysms 102 px).
+    EVAL_PHOTOS (one gray portrait, one RGB still life, one astronomy image, one outdoor
+    scene) are held out as split "eval"; the other 15 are split "train". The label of an
+    example is the index of its photo in PHOTOS, so it names the source photo in both splits.
+    """
+
+    PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins",
+              "colorwheel", "grass", "gravel", "hubble_deep_field", "immunohistochemistry",
+              "moon", "motorcycle", "page", "retina", "rocket", "text")
+    EVAL_PHOTOS = ("camera", "coffee", "hubble_deep_field", "rocket")
+
+    def __init__(self, split: str = "train"):
+        if split not in ("train", "eval"):
+            raise ValueError(f"EmbeddedPhotos split must be 'train' or 'eval', got {split!r}")
+        self.split = split
+        self.names = self.split_names(split)
+        self.labels = tuple(self.PHOTOS.index(n) for n in self.names)
+
+    @classmethod
+    def split_names(cls, split: str) -> tuple[str, ...]:
+        """The sorted photo names of a split ('train' or 'eval')."""
+        held_out = split == "eval"
+        return tuple(n for n in cls.PHOTOS if (n in cls.EVAL_PHOTOS) == held_out)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": load_photo(self.names[i]), "label": self.labels[i]}
+
+    def __repr__(self) -> str:
+        return f"EmbeddedPhotos({self.split!r}, {len(self)} photos)"
+
+
+class FixedCrops:
+    """`per_image` deterministic square crops of each image of `source`, resized to `size`.
+
+    A handful of held-out photos is too few to evaluate on, so each one yields several fixed
+    views at distinct scales: crop j of image k has side MAX_SCALE * (MIN_SCALE / MAX_SCALE) **
+    (j / (per_image - 1)) of the shorter side (for 8 crops: 1.0, 0.84, 0.71, 0.60, 0.50, 0.42,
+    0.36, 0.30), at a position drawn from a generator seeded with (seed, k, j). The boxes depend
+    only on the image shape and the seed (not on the training seed), so the eval set is the same
+    in every run. Example i is crop i // len(source) of image i % len(source): photos are
+    interleaved, so any prefix of the set (the first batch shown in a grid, `data.eval_size`)
+    covers every held-out photo. Labels are the source labels.
+    """
+
+    MAX_SCALE, MIN_SCALE = 1.0, 0.3
+
+    def __init__(self, source, size: int, per_image: int = 8, seed: int = 0):
+        self.source, self.size, self.per_image, self.seed = source, size, per_image, seed
+
+    def __len__(self) -> int:
+        return len(self.source) * self.per_image
+
+    def box(self, i: int, height: int, width: int) -> tuple[float, float, float, float]:
+        j, k = divmod(i, len(self.source))
+        frac = j / (self.per_image - 1) if self.per_image > 1 else 0.0
+        side = self.MAX_SCALE * (self.MIN_SCALE / self.MAX_SCALE) ** frac * min(height, width)
+        rng = np.random.default_rng([self.seed, k, j])
+        x0, y0 = rng.uniform(0, width - side), rng.uniform(0, height - side)
+        return (x0, y0, x0 + side, y0 + side)
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(f"FixedCrops index {i} out of range [0, {len(self)})")
+        example = self.source[i % len(self.source)]
+        image = example["image"]
+        box = self.box(i, *image.shape[:2])
+        return {"image": crop_resize(image, box, self.size), "label": example["label"]}
+
+
+# --------------------------------------------------------------------------- image folder
+
+class ImageFolder:
+    """Images under `root` (recursive; .jpg/.jpeg/.png/.webp in any case), sorted by path.
+
+    The label is the index of the image's top-level sub-folder among the sorted sub-folders
+    that hold at least one image (torchvision's ImageFolder convention); images lying directly
+    in `root` get label 0 when there are no sub-folders, and are an error when there are (they
+    would have no class). Names starting with '.' are skipped. Decoding errors name the file.
+    """
+
+    def __init__(self, root: str):
+        self.root = os.fspath(root)
+        if not os.path.isdir(self.root):
+            raise ConfigError(f"image folder {self.root!r} does not exist or is not a directory")
+        rel = self._scan(self.root)
+        if not rel:
+            raise ConfigError(f"image folder {self.root!r} holds no {'/'.join(IMAGE_EXTENSIONS)} "
+                             "images")
+        tops = [p.split(os.sep, 1)[0] if os.sep in p else None for p in rel]
+        self.classes = tuple(sorted({t for t in tops if t is not None}))
+        if self.classes and None in tops:
+            loose = rel[tops.index(None)]
+            raise ConfigError(f"image folder {self.root!r} mixes images directly in it (e.g. "
+                             f"{loose!r}) with class sub-folders {list(self.classes)}")
+        index = {c: k for k, c in enumerate(self.classes)}
+        self.paths = tuple(os.path.join(self.root, p) for p in rel)
+        self.labels = tuple(index[t] if t is not None else 0 for t in tops)
+
+    @staticmethod
+    def _scan(root: str) -> list[str]:
+        """Sorted relative paths of every image file under root (following symlinks)."""
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for f in filenames:
+                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
+                    found.append(os.path.relpath(os.path.join(dirpath, f), root))
+        return sorted(found)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": decode_image_file(self.paths[i]), "label": self.labels[i]}
+
+    def __repr__(self) -> str:
+        return f"ImageFolder({self.root!r}, {len(self)} images, {len(self.classes)} classes)"
+
+
+def decode_image_file(path: str) -> np.ndarray:
+    """Decode one file to uint8 RGB; any failure is an error naming the file, never a skip."""
+    try:
+        with Image.open(path) as img:
+            return to_rgb(np.asarray(img.convert("RGB")))
+    except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, ...).
+        raise ValueError(f"cannot decode image file {path!r}: {e}") from e
+
+
+# --------------------------------------------------------------------------- tfds
+
+class TfdsSource:
+    """Wraps a tfds ArrayRecord data source: records -> {"image": RGB uint8, "label": int}.
+
+    Datasets without a "label" feature get label 0; other features (file names, ids) are dropped.
+    """
+
+    def __init__(self, records, name: str, split: str):
+        self.records, self.name, self.split = records, name, split
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        record = self.records[i]
+        return {"image": to_rgb(record["image"]), "label": int(record.get("label", 0))}
+
+    def __repr__(self) -> str:
+        return f"TfdsSource({self.name!r}, split={self.split!r}, {len(self)} examples)"
+
+
+def _tfds_root(data_dir: str) -> str:
+    """The directory tfds reads when data_dir is empty (for error messages)."""
+    default = os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+    return data_dir or default
+
+
+def tfds_source(name: str, split: str, data_dir: str = "") -> TfdsSource:
+    """`tfds.data_source(..., download=False)`: a prepared array_record dataset, or a ValueError.
+
+    tfds 4.9.10 with download=False fails fast on a missing dataset, but with a misleading
+    NotImplementedError about the TFRECORD format; this turns it into a message that says how
+    to prepare the dataset once. Never downloads (a download offline hangs for minutes).
+    """
+    import tensorflow_datasets as tfds  # Local import: only tfds sources pay for it.
+
+    root = _tfds_root(data_dir)
+    try:
+        records = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ConfigError(f"tfds dataset {name!r} is not registered in tensorflow_datasets "
+                         f"{tfds.__version__} (data.name='tfds:{name}')") from e
+    except Exception as e:
+        raise ConfigError(_tfds_failure(tfds, name, split, data_dir, root, e)) from e
+    return TfdsSource(records, name, split)
+
+
+def _tfds_failure(tfds, name, split, data_dir, root, error) -> str:
+    """A one-line explanation of why tfds.data_source failed, with the fix."""
+    try:
+        prepared = tfds.builder(name, data_dir=data_dir or None).is_prepared()
+    except Exception:
+        prepared = False
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    build = f"`tfds build {name} --file_format=array_record --data_dir={root}`"
+    if not prepared:
+        manual = (f" (ImageNet needs ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in "
+                  f"{os.path.join(root, 'downloads', 'manual')} first)"
+                  if name.startswith("imagenet") else "")
+        return (f"tfds dataset {name!r} is not prepared in data dir {root!r} and downloads are "
+                f"disabled; prepare it once with {build}{manual}")
+    return (f"tfds dataset {name!r} split {split!r} in data dir {root!r} cannot be opened as an "
+            f"array_record data source ({type(error).__name__}: {first_line}); if it was "
+            f"prepared as tfrecord, rebuild it with {build}")
+
+
+# --------------------------------------------------------------------------- dispatch
+
+def make_source(config, split_name: str):
+    """The source for role `split_name` ('train' or 'eval') of `config.data.name`.
+
+    'embedded': EmbeddedPhotos, whose eval role is FixedCrops of the held-out photos at
+    config.image_size; 'folder': ImageFolder(data.dir/<train_split|eval_split>);
+    'tfds:<name>': tfds_source(<name>, <train_split|eval_split>, data.dir).
+    """
+    if split_name not in ("train", "eval"):
+        raise ValueError(f"split_name must be 'train' or 'eval', got {split_name!r}")
+    data = config.data
+    split = data.train_split if split_name == "train" else data.eval_split
+    name = data.name
+    if name == "embedded":
+        if split_name == "train":
+            return EmbeddedPhotos("train")
+        return FixedCrops(EmbeddedPhotos("eval"), config.image_size)
+    if name == "folder":
+        if not data.dir:
+            raise ConfigError("data.name='folder' needs data.dir (the folder holding the splits)")
+        return ImageFolder(os.path.join(data.dir, split))
+    if isinstance(name, str) and name.startswith("tfds:") and len(name) > len("tfds:"):
+        return tfds_source(name[len("tfds:"):], split, data.dir)
+    raise ConfigError(f"unknown data.name={name!r}; expected 'embedded', 'folder' or "
+                     "'tfds:<tfds dataset name>' (e.g. 'tfds:imagenet2012')")
