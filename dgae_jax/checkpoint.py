@@ -1,0 +1,76 @@
+"""Orbax checkpoints of a training run: the sharded train state, the data iterator, the config.
+
+One `CheckpointManager` per run directory with three items per step: `state` (params, optimiser,
+EMA, step, RNG key data), `data` (the grain iterator position of the batches actually consumed)
+and `config` (JSON). Saves are asynchronous; the latest N and every K-th step are kept. Restores
+go into an abstract target that carries the shardings wanted now, so a run can resume on another
+mesh. Errors propagate: a checkpoint that cannot be restored stops the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+
+def _manager(directory: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    keep = [policies.LatestN(config.checkpoint_keep)]
+    if config.checkpoint_keep_every:
+        keep.append(policies.EveryNSteps(config.checkpoint_keep_every))
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=policies.FixedIntervalPolicy(config.checkpoint_every),
+        preservation_policy=policies.AnyPreservationPolicy(keep),
+        create=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "data", "config"),
+                                 options=options)
+
+
+class Checkpoints:
+    """Save / restore of one run's checkpoints in `<workdir>/checkpoints`."""
+
+    def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.manager = _manager(self.directory, config)
+        self.config_json = json.loads(config.to_json_best_effort())
+
+    @property
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
+        """Saves when the interval policy says so (or `force`); returns whether it did."""
+        return self.manager.save(step, force=force, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iter),
+            config=ocp.args.JsonSave(self.config_json)))
+
+    def restore(self, abstract_state, data_iter=None, step: int | None = None):
+        """Restores `state` (into `abstract_state`'s shapes and shardings) and, if given, moves
+        `data_iter` to the saved position. Returns (step, state)."""
+        step = self.latest_step if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return step, restored["state"]
+
+    def reached_preemption(self, step: int) -> bool:
+        return self.manager.reached_preemption(step)
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree, shardings):
+    """ShapeDtypeStructs carrying `shardings`: the restore target."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        tree, shardings)

@@ -1,0 +1,99 @@
+"""Device mesh, config-driven sharding rules, and global batch assembly.
+
+The mesh has two axes: `data` (pure data parallelism) and `fsdp` (data parallelism whose
+devices also split the large parameters and their optimiser state). A batch is split over both
+axes; parameters follow regex rules from config, first match wins (big_vision style):
+
+    config.sharding.rules = (("discriminator/.*", "replicate"), (".*", "fsdp"))
+
+A rule is "fsdp" (shard the largest dimension divisible by the fsdp axis size, for arrays of at
+least `config.sharding.min_fsdp_size` elements), "replicate", or an explicit PartitionSpec as a
+tuple such as (None, None, None, "fsdp"). Models carry no mesh logic.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from dgae_jax.config_lib import ConfigError
+
+AXES = ("data", "fsdp")
+BATCH_AXES = AXES  # the batch dimension is split over every device
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+    """`mesh_config.data` x `mesh_config.fsdp` devices; one of them may be -1 (fill the rest)."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = [mesh_config.data, mesh_config.fsdp]
+    if shape.count(-1) > 1:
+        raise ConfigError("mesh: only one of mesh.data and mesh.fsdp may be -1")
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        if len(devices) % known:
+            raise ConfigError(f"mesh: {len(devices)} devices cannot be split into {shape}")
+        shape[shape.index(-1)] = len(devices) // known
+    if math.prod(shape) != len(devices):
+        raise ConfigError(f"mesh.data x mesh.fsdp = {shape[0]} x {shape[1]} does not match the "
+                         f"{len(devices)} devices")
+    return jax.make_mesh(tuple(shape), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+def path_name(path) -> str:
+    """'params/encoder/conv_in/kernel' for a pytree key path."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+    return "/".join(parts)
+
+
+def _spec(rule, shape: tuple[int, ...], mesh, min_fsdp_size: int) -> P:
+    if rule == "replicate":
+        return P()
+    if rule == "fsdp":
+        n = mesh.shape["fsdp"]
+        if n == 1 or math.prod(shape) < min_fsdp_size:
+            return P()
+        for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+            if shape[dim] % n == 0:
+                return P(*([None] * dim + ["fsdp"]))
+        return P()
+    return P(*rule)
+
+
+def tree_shardings(tree, mesh, sharding_config: ml_collections.ConfigDict):
+    """A NamedSharding for every leaf of `tree` (arrays or ShapeDtypeStructs) by its path."""
+    rules = [(re.compile(pattern), rule) for pattern, rule in sharding_config.rules]
+
+    def leaf_sharding(path, leaf):
+        name = path_name(path)
+        for pattern, rule in rules:
+            if pattern.search(name):
+                spec = _spec(rule, tuple(leaf.shape), mesh, sharding_config.min_fsdp_size)
+                return NamedSharding(mesh, spec)
+        raise ConfigError(f"sharding.rules: no rule matches {name!r}; end them with ('.*', ...)")
+
+    return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def global_batch(local_batch: dict, mesh) -> dict:
+    """Per-process numpy batch -> global arrays split over the batch axes of the mesh."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in local_batch.items()}

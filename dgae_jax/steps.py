@@ -1,0 +1,96 @@
+"""The pure, sharded pieces of a training run: state init and the train step, jitted.
+
+Kept apart from the loop (`trainer.py`) so benchmarks and tests can build and time the exact
+step the trainer runs without its logging and checkpointing stack.
+
+Train state (a plain dict, what Orbax saves):
+    step       int32 scalar, the number of optimiser updates applied
+    params     float32 parameters
+    opt_state  optax state
+    ema        exponential moving average of params (used for evaluation and sampling)
+    rng        uint32 key data; the step key is fold_in(rng, step), so a resumed run draws the
+               same randomness as an uninterrupted one
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from dgae_jax import checkpoint, optim, parallel
+from dgae_jax.config_lib import ConfigError
+
+if TYPE_CHECKING:
+    from dgae_jax.trainer import Task
+
+State = dict[str, Any]
+
+
+def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    for field in ("total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
+        if config[field] <= 0:
+            raise ConfigError(f"{field}={config[field]} must be positive")
+    if config.batch_size % mesh.size:
+        raise ConfigError(f"batch_size={config.batch_size} (global) is not divisible by the "
+                         f"{mesh.size} devices of the mesh")
+
+
+def make_init(task: Task, tx: optax.GradientTransformation) -> Callable:
+    def init(model, rng: jax.Array) -> State:
+        rng_params, rng_train = jax.random.split(rng)
+        params = task.init_params(model, rng_params)
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+                "ema": jax.tree.map(jnp.copy, params), "rng": jax.random.key_data(rng_train)}
+    return init
+
+
+def make_train_step(task: Task, tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict) -> Callable:
+    schedule = optim.learning_rate(config)
+
+    def train_step(model, state: State, batch: dict) -> tuple[State, dict]:
+        step = state["step"]
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+        (_, metrics), grads = jax.value_and_grad(
+            lambda p: task.loss_fn(model, p, batch, rng, step), has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        ema = optim.update_ema(state["ema"], params, optim.ema_decay(config, step))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), learning_rate=schedule(step))
+        return dict(state, step=step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+    return train_step
+
+
+@dataclasses.dataclass
+class Compiled:
+    """The sharded, jitted pieces of a run (built without allocating anything)."""
+
+    mesh: jax.sharding.Mesh
+    state_shardings: Any
+    abstract_state: Any
+    init: Callable  # (model, rng) -> state, created sharded
+    train_step: Callable  # (model, state, batch) -> (state, metrics), state donated
+
+
+def compile_run(config: ml_collections.ConfigDict, task: Task,
+                mesh: jax.sharding.Mesh) -> Compiled:
+    validate(config, mesh)
+    tx = optim.make_optimizer(config)
+    init = make_init(task, tx)
+    abstract = jax.eval_shape(init, task.model, jax.random.key(0))
+    shardings = parallel.tree_shardings(abstract, mesh, config.sharding)
+    repl = parallel.replicated(mesh)
+    model_sh = jax.tree.map(lambda _: repl, task.model)
+    return Compiled(
+        mesh=mesh, state_shardings=shardings,
+        abstract_state=checkpoint.abstract_like(abstract, shardings),
+        init=jax.jit(init, in_shardings=(model_sh, repl), out_shardings=shardings),
+        train_step=jax.jit(make_train_step(task, tx, config),
+                           in_shardings=(model_sh, shardings, parallel.batch_sharding(mesh)),
+                           out_shardings=(shardings, repl), donate_argnums=1))
