@@ -19,6 +19,7 @@ import ml_collections
 from flax import nnx
 
 from dgae_jax import diffusion
+from dgae_jax.config_lib import ConfigError
 from dgae_jax.metrics import lpips
 from dgae_jax.models.conv_decoder import ConvDecoder
 from dgae_jax.models.discriminator import PatchDiscriminator
@@ -57,29 +58,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
     m = config.model
     f = 2 ** (len(m.encoder.channel_mult) - 1)
     if f != m.spatial_factor:
-        raise ValueError(f"model.encoder.channel_mult has {len(m.encoder.channel_mult)} levels, "
+        raise ConfigError(f"model.encoder.channel_mult has {len(m.encoder.channel_mult)} levels, "
                          f"a factor of {f}, but model.spatial_factor is {m.spatial_factor}")
     if config.image_size % f:
-        raise ValueError(f"image_size={config.image_size} is not divisible by the spatial "
+        raise ConfigError(f"image_size={config.image_size} is not divisible by the spatial "
                          f"factor {f}")
     if m.decoder not in ("diffusion", "conv"):
-        raise ValueError(f"model.decoder={m.decoder!r} is not 'diffusion' or 'conv'")
+        raise ConfigError(f"model.decoder={m.decoder!r} is not 'diffusion' or 'conv'")
     if m.decoder == "diffusion":
         mult = unet_channel_mult(config)
         if config.image_size % 2 ** (len(mult) - 1):
-            raise ValueError(f"image_size={config.image_size} is not divisible by the U-Net's "
+            raise ConfigError(f"image_size={config.image_size} is not divisible by the U-Net's "
                              f"{len(mult) - 1} downsamplings (model.unet.channel_mult)")
         if config.diffusion.time_sampling not in diffusion.TIME_SAMPLINGS:
-            raise ValueError(f"diffusion.time_sampling={config.diffusion.time_sampling!r} is not "
+            raise ConfigError(f"diffusion.time_sampling={config.diffusion.time_sampling!r} is not "
                              f"one of {diffusion.TIME_SAMPLINGS}")
         if config.diffusion.sampler not in diffusion.SAMPLERS:
-            raise ValueError(f"diffusion.sampler={config.diffusion.sampler!r} is not one of "
+            raise ConfigError(f"diffusion.sampler={config.diffusion.sampler!r} is not one of "
                              f"{diffusion.SAMPLERS}")
         if config.diffusion.spacing not in diffusion.SPACINGS:
-            raise ValueError(f"diffusion.spacing={config.diffusion.spacing!r} is not one of "
+            raise ConfigError(f"diffusion.spacing={config.diffusion.spacing!r} is not one of "
                              f"{diffusion.SPACINGS}")
     if m.dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"model.dtype={m.dtype!r} is not float32, bfloat16 or float16")
+        raise ConfigError(f"model.dtype={m.dtype!r} is not float32, bfloat16 or float16")
 
 
 def unet_channel_mult(config: ml_collections.ConfigDict) -> tuple:
@@ -87,7 +88,7 @@ def unet_channel_mult(config: ml_collections.ConfigDict) -> tuple:
     if mult:
         return mult
     if config.image_size not in ADM_CHANNEL_MULT:
-        raise ValueError(f"model.unet.channel_mult is empty and ADM has no default for "
+        raise ConfigError(f"model.unet.channel_mult is empty and ADM has no default for "
                          f"image_size={config.image_size}; set it explicitly")
     return ADM_CHANNEL_MULT[config.image_size]
 

@@ -8,6 +8,8 @@ flag. Paper facts and our gap-fills (see shared/reference/dgae-paper.md) are mar
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
+
 
 # SD-VAE encoder levels per spatial factor (CompVis configs; f16 widths as the issue fixes them).
 ENCODER_CHANNEL_MULT = {8: (1, 2, 4, 4), 16: (1, 1, 2, 2, 4), 32: (1, 1, 2, 2, 4, 4)}
@@ -21,31 +23,67 @@ UNET_WIDTH = {"B": 128, "M": 192, "L": 256}
 VARIANTS = ("c", "size", "decoder", "res", "demo")
 
 
+class ConfigError(ValueError):
+    """A bad config field or input path; the CLI prints it as one line, without a traceback."""
+
+
 def parse_variants(arg: str | None) -> dict[str, str]:
     """'c=8,size=M,demo' -> {'c': '8', 'size': 'M', 'demo': ''}; unknown keys are an error."""
     out = {}
     for item in filter(None, (s.strip() for s in (arg or "").split(","))):
         key, _, value = item.partition("=")
         if key not in VARIANTS:
-            raise ValueError(f"unknown config variant {key!r}; known: {', '.join(VARIANTS)}")
+            raise ConfigError(f"unknown config variant {key!r}; known: {', '.join(VARIANTS)}")
         out[key] = value
     return out
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """The `config.data` fields with their defaults (the paper's ImageNet recipe)."""
+    return ml_collections.ConfigDict(dict(
+        name="tfds:imagenet2012",   # "embedded" | "folder" | "tfds:<tfds name>"
+        train_split="train",
+        eval_split="validation",
+        dir="",                     # folder root, or TFDS data_dir ("" -> TFDS_DATA_DIR / default)
+        crop="resize_random",       # "resize_random" | "random_resized"
+        min_scale=0.25,             # random_resized: smallest crop side / shorter image side
+        flip=True,                  # random horizontal flips in training
+        eval_size=0,                # first N eval examples; 0 = the whole eval split
+        workers=0,                  # grain worker processes; 0 = threads in this process
+        prefetch=2,                 # batches buffered ahead (threads) / per worker (processes)
+    ))
+
 
 
 def autoencoder_config(factor: int, arg: str | None = None) -> ml_collections.ConfigDict:
     v = parse_variants(arg)
     size = v.get("size", "B")
     if size not in UNET_WIDTH:
-        raise ValueError(f"size={size!r} is not one of {', '.join(UNET_WIDTH)}")
+        raise ConfigError(f"size={size!r} is not one of {', '.join(UNET_WIDTH)}")
     decoder = v.get("decoder", "diffusion")
     if decoder not in ("diffusion", "conv"):
-        raise ValueError(f"decoder={decoder!r} is not 'diffusion' or 'conv'")
+        raise ConfigError(f"decoder={decoder!r} is not 'diffusion' or 'conv'")
 
     c = ml_collections.ConfigDict()
     c.name = f"f{factor}"
     c.seed = 0
     c.image_size = int(v.get("res", 256))
     c.batch_size = 96  # paper: global batch 96, "matching SD-VAE"
+    c.total_steps = 500_000  # gap-fill: the paper does not state its AE iterations
+    c.log_every = 100
+    c.eval_every = 10_000
+    c.checkpoint_every = 5_000
+    c.checkpoint_keep = 3  # the latest N ...
+    c.checkpoint_keep_every = 50_000  # ... plus every K-th step
+    c.ema_decay = 0.9999  # gap-fill: the paper does not state EMA
+
+    # Paper section 4.1.
+    c.optimizer = dict(lr=1e-4, end_lr=1e-5, warmup_steps=10_000, b1=0.9, b2=0.95, eps=1e-8,
+                       weight_decay=0.1, clip_norm=1.0)
+    c.mesh = dict(data=-1, fsdp=1)  # -1: all remaining devices
+    c.sharding = dict(rules=((".*", "fsdp"),), min_fsdp_size=2**18)
+    c.data = default_data_config()
+    c.eval = dict(num_images=8, step=config_dict.placeholder(int))
 
     c.model = ml_collections.ConfigDict()
     c.model.spatial_factor = factor
@@ -91,13 +129,24 @@ def _shrink_to_demo(c: ml_collections.ConfigDict, factor: int) -> None:
     """A 64 px model small enough to train on a laptop CPU in minutes."""
     c.name += "-demo"
     c.image_size = 64
-    c.batch_size = 16
+    c.batch_size = 8
+    c.total_steps = 1_500
+    c.log_every = 50
+    c.eval_every = 500
+    c.checkpoint_every = 500
+    c.checkpoint_keep_every = 0
+    c.ema_decay = 0.999
+    c.optimizer.lr = 5e-4
+    c.optimizer.end_lr = 5e-5
+    c.optimizer.warmup_steps = 200
+    c.data.name = "embedded"
+    c.data.crop = "random_resized"
     c.model.dtype = "float32"  # bfloat16 is emulated (slow) on CPUs
     c.model.norm_groups = 8
     c.model.encoder.width = 32
     c.model.encoder.num_res_blocks = 1
     c.model.encoder.attn_resolutions = ()
-    c.model.unet.width = 32
+    c.model.unet.width = 16
     c.model.unet.channel_mult = (1, 2, 2, 4)
     c.model.unet.num_res_blocks = 1
     c.model.unet.attn_resolutions = (8,)

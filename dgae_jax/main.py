@@ -1,29 +1,85 @@
-"""Entry point: `python -m dgae_jax.main --config=configs/f16.py[:variants] --mode=...`.
+"""Entry point: `python -m dgae_jax.main --config=configs/f16.py[:variants] --workdir=DIR`.
 
 Only flags, config loading and dispatch live here; each mode is an importable function.
+    train    (default) train, resuming from the latest checkpoint in --workdir
+    eval     evaluate the latest (or --config.eval.step) checkpoint; prints one JSON line last
+    summary  parameter table, latent shape and train-step FLOPs; prints one JSON line last
+    benchmark  time the train step on synthetic batches; prints one JSON line last
 """
 
 from __future__ import annotations
 
-from absl import app, flags
+import json
+import logging as std_logging
+import sys
+
+import jax
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("summary",)
+from dgae_jax.config_lib import ConfigError
+
+MODES = ("train", "eval", "summary", "benchmark")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/f16.py or configs/f16.py:demo,c=8.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, images).")
-_MODE = flags.DEFINE_enum("mode", "summary", MODES, "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
+
+
+def initialize_distributed() -> None:
+    """Joins the multi-process job when a cluster is detected (TPU pod, SLURM, MPI, or the
+    JAX_COORDINATOR_ADDRESS variables); a single process continues alone."""
+    try:
+        jax.distributed.initialize()
+    except ValueError as e:  # raised at once when no cluster environment is found
+        logging.info("single process (%s)", e)
+
+
+def hide_accelerators_from_tensorflow() -> None:
+    """clu's TensorBoard writer imports TensorFlow; keep it off the GPUs/TPUs JAX uses."""
+    import tensorflow as tf
+    tf.config.set_visible_devices([], "GPU")
+
+
+def quiet_library_logs() -> None:
+    """Orbax and grain log every save and read at INFO; keep their warnings only."""
+    noisy = ("/orbax/", "/grain/", "/tensorstore/")
+    logging.get_absl_logger().addFilter(
+        lambda r: r.levelno >= std_logging.WARNING or not any(n in r.pathname for n in noisy))
 
 
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    config = _CONFIG.value
-    if _MODE.value == "summary":
+    quiet_library_logs()
+    try:
+        run(_CONFIG.value, _MODE.value, _WORKDIR.value)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+
+
+def run(config, mode: str, workdir: str | None) -> None:
+    if mode == "summary":
         from dgae_jax import summary
         summary.summarize(config)
+        return
+    initialize_distributed()
+    from dgae_jax.tasks.ae import AutoencoderTask
+    task = AutoencoderTask(config)
+    if mode == "benchmark":
+        from dgae_jax import benchmark
+        benchmark.benchmark(config, task)
+        return
+    if not workdir:
+        raise app.UsageError(f"--workdir is required for --mode={mode}")
+    hide_accelerators_from_tensorflow()
+    from dgae_jax import trainer
+    if mode == "train":
+        trainer.train_and_evaluate(config, workdir, task)
+    else:
+        print(json.dumps(trainer.evaluate_checkpoint(config, workdir, task, config.eval.step)))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,25 @@
-"""Shared fixtures: tiny configs (16-32 px, a few channels) so each test compiles in seconds."""
+"""Shared fixtures: tiny configs (16-32 px, a few channels) so each test compiles in seconds.
 
-import numpy as np
-import pytest
-import skimage.data
-from skimage.transform import resize
+Every test process sees 8 CPU devices, so sharded and single-device runs can be compared, and
+shares one persistent compilation cache (also with the CLI subprocesses), so a step compiled once
+is not compiled again by the next test that builds the same one.
+"""
 
-from dgae_jax import config_lib
+import os
+import tempfile
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="dgae_jax_jit_"))
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import skimage.data  # noqa: E402
+from skimage.transform import resize  # noqa: E402
+
+from dgae_jax import config_lib  # noqa: E402
 
 
 def make_tiny_config(factor=8, decoder="diffusion", *, size=32, c=4, gan=0.0):

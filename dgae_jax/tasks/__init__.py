@@ -1,0 +1,1 @@
+"""Tasks plug a model, its loss, data and evaluation into the shared trainer."""

@@ -1,0 +1,56 @@
+"""End to end through `python -m dgae_jax.main` in subprocesses, as a user runs it."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def demo(total_steps=4, eval_every=4):
+    return ["--config=configs/f16.py:demo", f"--config.total_steps={total_steps}",
+            "--config.log_every=2", f"--config.eval_every={eval_every}",
+            "--config.checkpoint_every=2", "--config.batch_size=4", "--config.data.eval_size=8",
+            "--config.diffusion.sample_steps=2"]
+
+
+def main(*args, check=True):
+    return subprocess.run([sys.executable, "-m", "dgae_jax.main", *args], capture_output=True,
+                          text=True, check=check, timeout=900)
+
+
+@pytest.mark.slow
+def test_demo_trains_evaluates_and_resumes(tmp_path):
+    workdir = str(tmp_path / "run")
+    main(*demo(), f"--workdir={workdir}")
+    assert sorted(os.listdir(f"{workdir}/checkpoints")) == ["2", "4"]
+    results = json.load(open(f"{workdir}/eval/4.json"))
+    assert results["num_images"] == 8 and results["step"] == 4
+    assert 0 < results["psnr"] < 60 and -1 <= results["ssim"] <= 1 and results["lpips"] > 0
+    grid = np.asarray(Image.open(f"{workdir}/images/4.png"))
+    assert grid.shape == (2 * 64 + 2, 8 * 64 + 7 * 2, 3)  # inputs over reconstructions
+    assert glob.glob(f"{workdir}/events.out.tfevents.*")  # TensorBoard
+
+    out = main(*demo(), f"--workdir={workdir}", "--mode=eval")
+    again = json.loads(out.stdout.strip().splitlines()[-1])
+    assert again["step"] == 4 and again["psnr"] == pytest.approx(results["psnr"], rel=1e-5)
+
+    # Asking for more steps resumes from step 4 instead of starting over.
+    out = main(*demo(total_steps=6, eval_every=100), f"--workdir={workdir}")
+    assert "resumed from the checkpoint of step 4" in out.stderr
+    assert "6" in os.listdir(f"{workdir}/checkpoints")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.image_size=100", "image_size=100 is not divisible by the spatial factor 16"),
+    ("--config.data.name=imagenet", "unknown data.name='imagenet'"),
+])
+def test_bad_config_is_one_line(tmp_path, override, message):
+    out = main("--config=configs/f16.py:demo", f"--workdir={tmp_path}", override, check=False)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("config error:") and message in last, out.stderr[-2000:]
