@@ -16,10 +16,17 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 
-def _manager(directory: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+def run_directory(workdir: str | os.PathLike) -> epath.Path:
+    """A run directory: an absolute local path (Orbax needs one) or a bucket URL as given."""
+    workdir = os.fspath(workdir)
+    return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
+
+
+def _manager(directory: epath.Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     keep = [policies.LatestN(config.checkpoint_keep)]
     if config.checkpoint_keep_every:
         keep.append(policies.EveryNSteps(config.checkpoint_keep_every))
@@ -27,7 +34,7 @@ def _manager(directory: str, config: ml_collections.ConfigDict) -> ocp.Checkpoin
         save_decision_policy=policies.FixedIntervalPolicy(config.checkpoint_every),
         preservation_policy=policies.AnyPreservationPolicy(keep),
         create=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "data", "config"),
+    return ocp.CheckpointManager(directory, item_names=("state", "data", "config"),
                                  options=options)
 
 
@@ -35,7 +42,7 @@ class Checkpoints:
     """Save / restore of one run's checkpoints in `<workdir>/checkpoints`."""
 
     def __init__(self, workdir: str, config: ml_collections.ConfigDict):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = run_directory(workdir) / "checkpoints"
         self.manager = _manager(self.directory, config)
         self.config_json = json.loads(config.to_json_best_effort())
 

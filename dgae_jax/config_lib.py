@@ -126,13 +126,13 @@ def autoencoder_config(factor: int, arg: str | None = None) -> ml_collections.Co
 
 
 def _shrink_to_demo(c: ml_collections.ConfigDict, factor: int) -> None:
-    """A 64 px model small enough to train on a laptop CPU in minutes."""
+    """A 64 px model that trains on a laptop CPU (about 25 minutes on 2 cores)."""
     c.name += "-demo"
     c.image_size = 64
     c.batch_size = 8
-    c.total_steps = 1_500
+    c.total_steps = 3_000
     c.log_every = 50
-    c.eval_every = 500
+    c.eval_every = 1_000
     c.checkpoint_every = 500
     c.checkpoint_keep_every = 0
     c.ema_decay = 0.999
@@ -140,7 +140,8 @@ def _shrink_to_demo(c: ml_collections.ConfigDict, factor: int) -> None:
     c.optimizer.end_lr = 5e-5
     c.optimizer.warmup_steps = 200
     c.data.name = "embedded"
-    c.data.crop = "random_resized"
+    c.data.crop = "random_resized"  # 15 training photos: varied crops matter
+    c.data.min_scale = 0.15
     c.model.dtype = "float32"  # bfloat16 is emulated (slow) on CPUs
     c.model.norm_groups = 8
     c.model.encoder.width = 32

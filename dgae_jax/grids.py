@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 
@@ -18,6 +19,9 @@ def image_grid(rows: np.ndarray, pad: int = 2) -> np.ndarray:
     return grid
 
 
-def save_png(image: np.ndarray, path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(image).save(path)
+def save_png(image: np.ndarray, path: epath.Path) -> None:
+    """Writes a PNG locally or to a bucket (epath)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    path.write_bytes(buffer.getvalue())

@@ -94,3 +94,10 @@ def compile_run(config: ml_collections.ConfigDict, task: Task,
         train_step=jax.jit(make_train_step(task, tx, config),
                            in_shardings=(model_sh, shardings, parallel.batch_sharding(mesh)),
                            out_shardings=(shardings, repl), donate_argnums=1))
+
+
+def hlo_flops(lowered: jax.stages.Lowered) -> float:
+    """FLOPs of a lowered step from XLA's cost analysis of the backend-independent HLO (a GPU's
+    compiled module hides convolutions in cuDNN calls its own analysis does not count)."""
+    cost = lowered.cost_analysis()
+    return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])

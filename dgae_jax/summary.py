@@ -1,7 +1,8 @@
 """`--mode=summary`: parameter counts, latent shape and train-step FLOPs, without allocating.
 
 Everything is abstract: parameters come from `jax.eval_shape`, FLOPs from XLA's cost analysis of
-the lowered (not compiled) gradient step, so the full paper models summarise in seconds on a CPU.
+the trainer's own step, lowered (not compiled) on one device for the global batch, so the full
+paper models summarise in seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dgae_jax.autoencoder import Autoencoder
+from dgae_jax import parallel
+from dgae_jax.steps import compile_run, hlo_flops
+from dgae_jax.tasks.ae import AutoencoderTask
 
 
 def count_by_module(params, depth: int) -> dict[str, int]:
@@ -25,25 +28,22 @@ def count_by_module(params, depth: int) -> dict[str, int]:
     return dict(counts)
 
 
-def train_step_flops(ae: Autoencoder, params, batch_size: int) -> float:
-    """FLOPs of one loss + gradient evaluation on a global batch (XLA's HLO cost analysis)."""
-    size = ae.config.image_size
-    batch = {"image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)}
-    rng = jax.eval_shape(lambda: jax.random.key(0))
-
-    def step(ae, params, batch, rng):
-        return jax.value_and_grad(Autoencoder.loss_fn, argnums=1, has_aux=True)(
-            ae, params, batch, rng)
-
-    abstract_ae = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), ae)
-    cost = jax.jit(step).lower(abstract_ae, params, batch, rng).cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"])
+def train_step_flops(config: ml_collections.ConfigDict, task) -> float:
+    """FLOPs of one train step on the global batch (XLA's HLO cost analysis)."""
+    mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1)), jax.devices()[:1])
+    fns = compile_run(config, task, mesh)
+    size, n = config.image_size, config.batch_size
+    batch = {"image": jax.ShapeDtypeStruct((n, size, size, 3), jnp.uint8),
+             "label": jax.ShapeDtypeStruct((n,), jnp.int32),
+             "id": jax.ShapeDtypeStruct((n,), jnp.int64)}
+    model = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), task.model)
+    return hlo_flops(fns.train_step.lower(model, fns.abstract_state, batch))
 
 
 def summarize(config: ml_collections.ConfigDict) -> dict:
     """Prints a table and returns the JSON record (whose line is printed last)."""
-    ae = Autoencoder.from_config(config)
+    task = AutoencoderTask(config)
+    ae = task.model
     params = jax.eval_shape(ae.init, jax.random.key(0))
     rows = count_by_module(params, depth=3)
     totals = count_by_module(params, depth=1)
@@ -54,7 +54,7 @@ def summarize(config: ml_collections.ConfigDict) -> dict:
             if k.split("/")[0] == name:
                 print(f"{k:<{width}}{n:>14,}")
         print(f"{name + ' total':<{width}}{totals[name]:>14,}\n")
-    flops = train_step_flops(ae, params, config.batch_size)
+    flops = train_step_flops(config, task)
     record = {
         "config": config.name,
         "decoder_type": config.model.decoder,
@@ -69,7 +69,7 @@ def summarize(config: ml_collections.ConfigDict) -> dict:
         "train_step_flops": flops,
         "train_step_flops_per_image": flops / config.batch_size,
     }
-    print(f"latent shape {tuple(ae.latent_shape)}; train step (loss + grad, global batch "
+    print(f"latent shape {tuple(ae.latent_shape)}; train step (global batch "
           f"{config.batch_size}): {flops / 1e12:.2f} TFLOPs")
     print(json.dumps(record))
     return record

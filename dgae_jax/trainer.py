@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import time
 from typing import Any, Protocol
@@ -18,6 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from clu import metric_writers, parameter_overview, periodic_actions
 
 from dgae_jax import checkpoint, parallel
@@ -29,7 +29,7 @@ class Run:
     """What a task's evaluation needs from the loop."""
 
     config: ml_collections.ConfigDict
-    workdir: str
+    workdir: epath.Path
     mesh: jax.sharding.Mesh
     model: Any  # the task's model pytree, replicated on the mesh
     writer: metric_writers.MetricWriter
@@ -85,8 +85,8 @@ def _mean_metrics(history: list[dict]) -> dict[str, float]:
     return {k: float(np.mean([h[k] for h in host])) for k in host[0]}
 
 
-def make_writer(workdir: str) -> metric_writers.MetricWriter:
-    return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
+def make_writer(workdir: epath.Path) -> metric_writers.MetricWriter:
+    return metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0,
                                                 asynchronous=True)
 
 
@@ -95,15 +95,15 @@ def write_eval(run: Run, step: int, results: dict[str, float]) -> None:
     run.writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()
                                     if isinstance(v, (int, float))})
     if run.is_lead:
-        os.makedirs(os.path.join(run.workdir, "eval"), exist_ok=True)
-        with open(os.path.join(run.workdir, "eval", f"{step}.json"), "w") as f:
-            json.dump({"step": step, **results}, f, indent=1)
+        path = run.workdir / "eval" / f"{step}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"step": step, **results}, indent=1))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Task,
                        mesh: jax.sharding.Mesh | None = None) -> State:
     """Trains to `config.total_steps`, resuming from the latest checkpoint in `workdir`."""
-    workdir = os.path.abspath(workdir)
+    workdir = checkpoint.run_directory(workdir)
     mesh = mesh or parallel.make_mesh(config.mesh)
     run_fns = compile_run(config, task, mesh)
     model = jax.device_put(task.model, parallel.replicated(mesh))
@@ -159,7 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, task: Task,
                         step: int | None = None) -> dict:
     """`--mode=eval`: the task's evaluation of a saved run's EMA parameters."""
-    workdir = os.path.abspath(workdir)
+    workdir = checkpoint.run_directory(workdir)
     mesh = parallel.make_mesh(config.mesh)
     run_fns = compile_run(config, task, mesh)
     ckpt = checkpoint.Checkpoints(workdir, config)

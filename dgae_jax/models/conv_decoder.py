@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
-from dgae_jax.models.layers import Attention, ResBlock, Upsample, conv, group_norm
+from dgae_jax.models.layers import (Attention, ResBlock, Upsample, blocks_with_attention, conv,
+                                    group_norm)
 
 
 class ConvDecoder(nnx.Module):
@@ -48,10 +49,7 @@ class ConvDecoder(nnx.Module):
         h = self.conv_in(self.post_quant_conv(z))
         h = self.mid_block2(self.mid_attn(self.mid_block1(h)))
         for level in self.levels:
-            for block, attn in zip(level["blocks"], level["attns"]):
-                h = block(h)
-                if attn is not None:
-                    h = attn(h)
+            h = blocks_with_attention(level["blocks"], level["attns"], h)
             if level["up"] is not None:
                 h = level["up"](h)
         return nnx.silu(self.norm_out(h))

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
-from dgae_jax.models.layers import Attention, Downsample, ResBlock, conv, group_norm
+from dgae_jax.models.layers import (Attention, Downsample, ResBlock, blocks_with_attention, conv,
+                                    group_norm)
 
 
 class Encoder(nnx.Module):
@@ -45,10 +46,7 @@ class Encoder(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.conv_in(x)
         for level in self.levels:
-            for block, attn in zip(level["blocks"], level["attns"]):
-                h = block(h)
-                if attn is not None:
-                    h = attn(h)
+            h = blocks_with_attention(level["blocks"], level["attns"], h)
             if level["down"] is not None:
                 h = level["down"](h)
         h = self.mid_block2(self.mid_attn(self.mid_block1(h)))

@@ -93,6 +93,15 @@ class Attention(nnx.Module):
         return x + self.proj(out)
 
 
+def blocks_with_attention(blocks, attns, h: jax.Array) -> jax.Array:
+    """A level of the SD-VAE encoder/decoder: each ResBlock followed by its attention, if any."""
+    for block, attn in zip(blocks, attns):
+        h = block(h)
+        if attn is not None:
+            h = attn(h)
+    return h
+
+
 class Downsample(nnx.Module):
     """Stride-2 3x3 conv (ADM `conv_resample=True`, SD-VAE `with_conv=True`)."""
 

@@ -107,4 +107,4 @@ class AutoencoderTask:
         grid = grids.image_grid(np.stack([inputs[real], recon[real]]))
         run.writer.write_images(step, {"reconstructions": grid[None]})
         if run.is_lead:
-            grids.save_png(grid, f"{run.workdir}/images/{step}.png")
+            grids.save_png(grid, run.workdir / "images" / f"{step}.png")
