@@ -63,8 +63,10 @@ class AutoencoderTask:
     def train_data(self, process_index: int, process_count: int):
         return pipeline.train_dataset(self.config, process_index, process_count)
 
-    @functools.cached_property
-    def _eval_step(self):
+    @functools.cache
+    def _eval_step(self, mesh):
+        """Reconstructs a batch and returns it with the masked sums of its metrics."""
+
         def step(model: Autoencoder, params, batch: dict, rng: jax.Array):
             x = to_signed(batch["image"])
             x_hat = jnp.clip(model.reconstruct(params, x, rng), -1.0, 1.0)
@@ -74,7 +76,7 @@ class AutoencoderTask:
             if model.lpips_weights is not None:
                 values["lpips"] = lpips.lpips_distance(model.lpips_weights, x_hat, x,
                                                        net=model.config.loss.lpips_net)
-            return fake.astype(jnp.uint8), values
+            return fake.astype(jnp.uint8), masked_sums(mesh, values, batch["mask"].astype(bool))
         return jax.jit(step)
 
     def evaluate(self, run, params, step: int) -> dict[str, float]:
@@ -84,8 +86,7 @@ class AutoencoderTask:
         for i, local in enumerate(data):
             batch = parallel.global_batch(local, run.mesh)
             rng = jax.random.fold_in(jax.random.key(self.config.seed), i)
-            recon, values = self._eval_step(run.model, params, batch, rng)
-            sums = masked_sums(run.mesh, values, batch["mask"].astype(bool))
+            recon, sums = self._eval_step(run.mesh)(run.model, params, batch, rng)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
             if len(shown) * self.config.batch_size < self.config.eval.num_images:
                 shown.append((batch["image"], recon, batch["mask"]))
