@@ -93,11 +93,12 @@ def _manifold_coverage(queries, centres, k: int, block: int) -> float:
 
 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3,
-                     block: int = 4096) -> tuple[float, float]:
+                     block: int = 1024) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019).
 
     Precision: the fraction of fake features inside the real manifold, the union of balls around
     each real feature reaching its k-th nearest real neighbour; recall: the same with the roles
-    swapped. Distances are computed in row blocks of `block`.
+    swapped. Distances are computed in row blocks: each holds a block x N float32 matrix
+    (200 MB for the default 1024 rows against N = 50,000 features).
     """
     return (_manifold_coverage(fake, real, k, block), _manifold_coverage(real, fake, k, block))
