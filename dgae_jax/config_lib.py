@@ -48,7 +48,9 @@ def default_data_config() -> ml_collections.ConfigDict:
         crop="resize_random",       # "resize_random" | "random_resized"
         min_scale=0.25,             # random_resized: smallest crop side / shorter image side
         flip=True,                  # random horizontal flips in training
-        eval_size=0,                # first N eval examples; 0 = the whole eval split
+        eval_subset="",             # fixed eval images: a named list ("imagenet_val_5k") or a
+                                    # file of file names; "" = the eval split in its order
+        eval_size=0,                # first N eval examples (of the subset); 0 = all of them
         workers=0,                  # grain worker processes; 0 = threads in this process
         prefetch=2,                 # batches buffered ahead (threads) / per worker (processes)
     ))
@@ -83,7 +85,10 @@ def autoencoder_config(factor: int, arg: str | None = None) -> ml_collections.Co
     c.mesh = dict(data=-1, fsdp=1)  # -1: all remaining devices
     c.sharding = dict(rules=((".*", "fsdp"),), min_fsdp_size=2**18)
     c.data = default_data_config()
-    c.eval = dict(num_images=8, step=config_dict.placeholder(int))
+    c.data.eval_subset = "imagenet_val_5k"  # rFID-5k: see docs/evaluation.md
+    c.eval = dict(num_images=8, step=config_dict.placeholder(int),
+                  rfid=True,  # FID of reconstructions vs inputs (needs converted weights)
+                  inception_weights="")  # "" = models/inception.default_weights_path()
 
     c.model = ml_collections.ConfigDict()
     c.model.spatial_factor = factor
@@ -140,6 +145,7 @@ def _shrink_to_demo(c: ml_collections.ConfigDict, factor: int) -> None:
     c.optimizer.end_lr = 5e-5
     c.optimizer.warmup_steps = 200
     c.data.name = "embedded"
+    c.data.eval_subset = ""
     c.data.crop = "random_resized"  # 15 training photos: varied crops matter
     c.data.min_scale = 0.15
     c.model.dtype = "float32"  # bfloat16 is emulated (slow) on CPUs

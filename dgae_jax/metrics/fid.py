@@ -1,8 +1,8 @@
 """Frechet distance between feature statistics, and k-NN precision / recall.
 
 Statistics are the mean, covariance and count of a set's features; they are computed once (in
-float64) and saved as `.npz` with keys `mu`, `sigma`, `count`, so a reference set such as the
-ImageNet training split is processed only once.
+float64) and saved as `.npz` (`save_stats`: keys `mu`, `sigma`, `count`, plus `spatial_*` for
+sFID), so a reference set such as the ImageNet training split is processed only once.
 """
 
 from __future__ import annotations
@@ -29,17 +29,35 @@ class FeatureStats:
             raise ValueError(f"need at least 2 feature vectors of shape (n, d), got {f.shape}")
         return cls(f.mean(axis=0), np.cov(f, rowvar=False), len(f))
 
-    def save(self, path: str | os.PathLike) -> None:
-        np.savez(path, mu=self.mu, sigma=self.sigma, count=self.count)
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "FeatureStats":
-        with np.load(path) as data:
-            missing = {"mu", "sigma", "count"} - set(data.files)
-            if missing:
-                raise ValueError(f"{path} is not a statistics file: missing {sorted(missing)}")
-            return cls(data["mu"].astype(np.float64), data["sigma"].astype(np.float64),
-                       int(data["count"]))
+def _prefix(name: str) -> str:
+    return "" if name == "pool" else f"{name}_"
+
+
+def save_stats(path: str | os.PathLike, stats: dict[str, FeatureStats]) -> None:
+    """One `.npz` for a set's statistics: `mu`, `sigma`, `count` of the pool features and, when
+    given, `spatial_mu`, `spatial_sigma`, `spatial_count` of the sFID features."""
+    arrays = {}
+    for name, s in stats.items():
+        p = _prefix(name)
+        arrays.update({f"{p}mu": s.mu, f"{p}sigma": s.sigma, f"{p}count": s.count})
+    np.savez(path, **arrays)
+
+
+def load_stats(path: str | os.PathLike) -> dict[str, FeatureStats]:
+    """The statistics in a file written by `save_stats` ('pool' always, 'spatial' if saved)."""
+    with np.load(path) as data:
+        missing = {"mu", "sigma", "count"} - set(data.files)
+        if missing:
+            raise ValueError(f"{path} is not a statistics file: missing {sorted(missing)}")
+        out = {}
+        for name in ("pool", "spatial"):
+            p = _prefix(name)
+            if f"{p}mu" in data.files:
+                out[name] = FeatureStats(data[f"{p}mu"].astype(np.float64),
+                                         data[f"{p}sigma"].astype(np.float64),
+                                         int(data[f"{p}count"]))
+        return out
 
 
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
@@ -102,3 +120,16 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3,
     (200 MB for the default 1024 rows against N = 50,000 features).
     """
     return (_manifold_coverage(fake, real, k, block), _manifold_coverage(real, fake, k, block))
+
+
+def compare(a: dict[str, FeatureStats], b: dict[str, FeatureStats],
+            pool_a: np.ndarray | None = None, pool_b: np.ndarray | None = None,
+            k: int = 3) -> dict[str, float]:
+    """FID of two sets (a = reference), sFID when both have spatial statistics, and precision
+    / recall of b against a when both sets' pool features are given."""
+    out = {"fid": frechet_distance(a["pool"], b["pool"])}
+    if "spatial" in a and "spatial" in b:
+        out["sfid"] = frechet_distance(a["spatial"], b["spatial"])
+    if pool_a is not None and pool_b is not None:
+        out["precision"], out["recall"] = precision_recall(pool_a, pool_b, k=k)
+    return out

@@ -2,9 +2,10 @@
 
 Batches arrive as uint8 images and are mapped to [-1, 1] on the device (4x less host-to-device
 traffic than float32). Evaluation reconstructs a fixed evaluation set with the EMA parameters at
-the configured decode steps and reports PSNR, SSIM (on uint8-rounded images, the usual
-convention) and, when the LPIPS term is enabled, LPIPS; it also writes an input | reconstruction
-grid to TensorBoard and `<workdir>/images/<step>.png`.
+the configured decode steps and sampler and reports PSNR, SSIM (on uint8-rounded images, the
+usual convention), LPIPS when the LPIPS term is enabled, and rFID (FID of the reconstructions
+against the inputs, FID Inception features) when `eval.rfid` is on; it also writes an input |
+reconstruction grid to TensorBoard and `<workdir>/images/<step>.png`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ from jax.sharding import PartitionSpec as P
 from dgae_jax import grids, parallel
 from dgae_jax.autoencoder import Autoencoder
 from dgae_jax.data import pipeline
+from dgae_jax.metrics import fid
 from dgae_jax.metrics import image as image_metrics
 from dgae_jax.metrics import lpips
+from dgae_jax.metrics.features import FeatureCollector, InceptionFeatures
+from dgae_jax.models import inception
 
 
 def to_signed(images: jax.Array) -> jax.Array:
@@ -51,6 +55,9 @@ class AutoencoderTask:
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
         self.model = Autoencoder.from_config(config)
+        # Loaded now so that missing weights stop the run at start, not at the first eval.
+        self.inception_weights = (inception.load_weights(config.eval.inception_weights or None)
+                                  if config.eval.rfid else None)
 
     @staticmethod
     def init_params(model: Autoencoder, rng: jax.Array):
@@ -79,25 +86,42 @@ class AutoencoderTask:
             return fake.astype(jnp.uint8), masked_sums(mesh, values, batch["mask"].astype(bool))
         return jax.jit(step)
 
+    @functools.cache
+    def _inception(self, mesh) -> InceptionFeatures:
+        return InceptionFeatures(mesh, self.inception_weights)
+
     def evaluate(self, run, params, step: int) -> dict[str, float]:
-        """PSNR / SSIM / LPIPS of EMA reconstructions over the whole evaluation set."""
+        """PSNR / SSIM / LPIPS / rFID of EMA reconstructions over the whole evaluation set."""
         totals, shown = None, []
+        features = {"real": FeatureCollector(), "recon": FeatureCollector()}
         data = pipeline.eval_dataset(self.config, jax.process_index(), jax.process_count())
         for i, local in enumerate(data):
             batch = parallel.global_batch(local, run.mesh)
             rng = jax.random.fold_in(jax.random.key(self.config.seed), i)
             recon, sums = self._eval_step(run.mesh)(run.model, params, batch, rng)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+            if self.config.eval.rfid:
+                for name, images in (("real", batch["image"]), ("recon", recon)):
+                    features[name].add(self._inception(run.mesh)(images), batch["mask"])
             if len(shown) * self.config.batch_size < self.config.eval.num_images:
                 shown.append((batch["image"], recon, batch["mask"]))
         totals = jax.device_get(totals)
         count = totals.pop("count")
         results = {k: float(v / count) for k, v in totals.items()}
+        if self.config.eval.rfid:
+            results["rfid"] = fid.compare(features["real"].stats(),
+                                          features["recon"].stats())["fid"]
         results["num_images"] = int(count)
-        results["decode_steps"] = (self.config.diffusion.sample_steps
-                                   if self.config.model.decoder == "diffusion" else 1)
+        results.update(self.decode_settings())
         self._write_grid(run, step, shown)
         return results
+
+    def decode_settings(self) -> dict:
+        """How reconstructions were decoded, recorded next to the metrics."""
+        if self.config.model.decoder != "diffusion":
+            return {"decode_steps": 1}
+        d = self.config.diffusion
+        return {"decode_steps": d.sample_steps, "sampler": d.sampler, "spacing": d.spacing}
 
     def _write_grid(self, run, step: int, shown: list) -> None:
         """The first `eval.num_images` evaluation images over their reconstructions."""

