@@ -14,6 +14,7 @@ from PIL import Image
 
 from dgae_jax import config_lib, fid as fid_cli
 from dgae_jax.data import sources
+from dgae_jax.metrics.features import InceptionFeatures
 from dgae_jax.metrics.fid import FeatureStats, frechet_distance
 from dgae_jax.models import inception
 
@@ -155,3 +156,19 @@ def test_eval_subset_selects_listed_files_in_order(tmp_path):
     cfg.data.update(name="embedded")
     with pytest.raises(config_lib.ConfigError, match="needs a source with file names"):
         sources.make_source(cfg, "eval")
+
+
+def test_sharded_streaming_embeds_every_image_once_in_order(inception_weights, tmp_path):
+    """5 images in global batches of 8 over the 8 test devices (3 padding rows) give the
+    features of one plain call on the 5 images, in order."""
+    images = photo_crops(5, 32)
+    np.savez(tmp_path / "five.npz", images)
+    weights = inception.load_weights(inception_weights)
+    mesh = jax.make_mesh((8, 1), ("data", "fsdp"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    collected = fid_cli.embed(fid_cli.open_input(str(tmp_path / "five.npz"))[1],
+                              InceptionFeatures(mesh, weights), batch_size=8)
+    direct = jax.jit(inception.features)(weights, images)
+    assert len(collected) == 5
+    for name in ("pool", "spatial"):
+        np.testing.assert_allclose(collected.array(name), direct[name], rtol=1e-4, atol=1e-5)
