@@ -18,14 +18,21 @@ from dgae_jax import parallel
 from dgae_jax.steps import compile_run, hlo_flops
 
 
-def synthetic_batch(config: ml_collections.ConfigDict, mesh) -> dict:
+def synthetic_batch(config: ml_collections.ConfigDict, task, mesh) -> dict:
+    """Random data of the task's batch layout: uint8 pixels, normal floats, zero labels."""
     local = config.batch_size // jax.process_count()
     rng = np.random.default_rng(0)
-    size = config.image_size
-    return parallel.global_batch({
-        "image": rng.integers(0, 256, (local, size, size, 3), dtype=np.uint8),
-        "label": np.zeros((local,), np.int32),
-        "id": np.arange(local, dtype=np.int64)}, mesh)
+
+    def fill(spec):
+        shape = (local, *spec.shape[1:])
+        if spec.dtype == np.uint8:
+            return rng.integers(0, 256, shape, dtype=np.uint8)
+        if np.issubdtype(spec.dtype, np.floating):
+            return rng.standard_normal(shape).astype(spec.dtype)
+        return np.zeros(shape, spec.dtype)
+
+    specs = task.batch_spec(config.batch_size)
+    return parallel.global_batch({k: fill(v) for k, v in specs.items()}, mesh)
 
 
 def benchmark(config: ml_collections.ConfigDict, task, steps: int = 10) -> dict:
@@ -33,7 +40,7 @@ def benchmark(config: ml_collections.ConfigDict, task, steps: int = 10) -> dict:
     fns = compile_run(config, task, mesh)
     model = jax.device_put(task.model, parallel.replicated(mesh))
     state = fns.init(model, jax.random.key(config.seed))
-    batch = synthetic_batch(config, mesh)
+    batch = synthetic_batch(config, task, mesh)
     lowered = fns.train_step.lower(model, state, batch)
     flops = hlo_flops(lowered)
     start = time.time()
@@ -49,10 +56,10 @@ def benchmark(config: ml_collections.ConfigDict, task, steps: int = 10) -> dict:
     stats = jax.local_devices()[0].memory_stats() or {}
     record = {
         "config": config.name, "devices": mesh.size, "device_kind": jax.devices()[0].device_kind,
-        "batch_size": config.batch_size, "image_size": config.image_size,
-        "dtype": config.model.dtype, "compile_s": round(compile_s, 1),
-        "step_time_ms": 1000 * step_s, "images_per_sec": config.batch_size / step_s,
-        "images_per_sec_per_device": config.batch_size / step_s / mesh.size,
+        "batch_size": config.batch_size, "dtype": config.model.dtype,
+        "compile_s": round(compile_s, 1), "step_time_ms": 1000 * step_s,
+        "examples_per_sec": config.batch_size / step_s,
+        "examples_per_sec_per_device": config.batch_size / step_s / mesh.size,
         "train_step_flops": flops, "tflops_per_sec_per_device": flops / step_s / 1e12 / mesh.size,
         "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
         "loss": float(metrics["loss"]),

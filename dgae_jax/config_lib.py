@@ -21,19 +21,22 @@ DEFAULT_CHANNELS = {8: 4, 16: 16, 32: 64}
 UNET_WIDTH = {"B": 128, "M": 192, "L": 256}
 
 VARIANTS = ("c", "size", "decoder", "res", "demo")
+LDM_VARIANTS = ("c", "size", "patch", "demo")
+# DiT paper Table 4: hidden size, depth, heads of DiT-S / B / L / XL.
+DIT_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
 
 
 class ConfigError(ValueError):
     """A bad config field or input path; the CLI prints it as one line, without a traceback."""
 
 
-def parse_variants(arg: str | None) -> dict[str, str]:
+def parse_variants(arg: str | None, known: tuple[str, ...] = VARIANTS) -> dict[str, str]:
     """'c=8,size=M,demo' -> {'c': '8', 'size': 'M', 'demo': ''}; unknown keys are an error."""
     out = {}
     for item in filter(None, (s.strip() for s in (arg or "").split(","))):
         key, _, value = item.partition("=")
-        if key not in VARIANTS:
-            raise ConfigError(f"unknown config variant {key!r}; known: {', '.join(VARIANTS)}")
+        if key not in known:
+            raise ConfigError(f"unknown config variant {key!r}; known: {', '.join(known)}")
         out[key] = value
     return out
 
@@ -67,6 +70,7 @@ def autoencoder_config(factor: int, arg: str | None = None) -> ml_collections.Co
         raise ConfigError(f"decoder={decoder!r} is not 'diffusion' or 'conv'")
 
     c = ml_collections.ConfigDict()
+    c.task = "autoencoder"
     c.name = f"f{factor}"
     c.seed = 0
     c.image_size = int(v.get("res", 256))
@@ -89,6 +93,20 @@ def autoencoder_config(factor: int, arg: str | None = None) -> ml_collections.Co
     c.eval = dict(num_images=8, step=config_dict.placeholder(int),
                   rfid=True,  # FID of reconstructions vs inputs (needs converted weights)
                   inception_weights="")  # "" = models/inception.default_weights_path()
+    # --mode=cache_latents (latent_cache.py): encode splits once with the EMA encoder.
+    c.cache = dict(
+        dir="",  # output directory, local or bucket; required
+        step=config_dict.placeholder(int),  # checkpoint step; None = the latest
+        splits=("train", "eval"),  # roles: data.train_split and data.eval_split, all examples
+        dtype="bfloat16",  # stored latents: bfloat16 | float16 | float32
+        flip=True,  # also store the posterior of the horizontally flipped image
+        crops_per_image=1,  # train role: 1 = the eval view; k > 1 = k fixed crops per image
+        batch_size=256,  # global; split over every device
+        examples_per_shard=1024,
+        read_threads=16,  # grain threads decoding images ahead of the device
+        log_every=20,  # batches between progress lines
+        benchmark=0,  # N > 0: time caching N train images against the encoder alone instead
+    )
 
     c.model = ml_collections.ConfigDict()
     c.model.spatial_factor = factor
@@ -140,6 +158,10 @@ def _shrink_to_demo(c: ml_collections.ConfigDict, factor: int) -> None:
     c.eval_every = 1_000
     c.checkpoint_every = 500
     c.checkpoint_keep_every = 0
+    c.cache.batch_size = 32
+    c.cache.crops_per_image = 32  # 15 photos -> 480 training latents, classes = photos
+    c.cache.examples_per_shard = 64  # several shards even for the demo's 512 images
+    c.cache.log_every = 1
     c.ema_decay = 0.999
     c.optimizer.lr = 5e-4
     c.optimizer.end_lr = 5e-5
@@ -165,3 +187,84 @@ def _shrink_to_demo(c: ml_collections.ConfigDict, factor: int) -> None:
     c.diffusion.sample_steps = 10
     c.loss.lpips_net = "alexnet"
     c.loss.gan_start = 2_000
+
+
+def ldm_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The latent DiT on a DGAE f16 latent cache: the paper's DiT-XL/1 (section 4.3)."""
+    v = parse_variants(arg, LDM_VARIANTS)
+    size = v.get("size", "XL")
+    if size not in DIT_SIZES:
+        raise ConfigError(f"size={size!r} is not one of {', '.join(DIT_SIZES)}")
+    hidden, depth, heads = DIT_SIZES[size]
+
+    c = ml_collections.ConfigDict()
+    c.task = "ldm"
+    c.name = f"ldm-f16-dit{size}"
+    c.seed = 0
+    c.batch_size = 256  # DiT's global batch
+    c.total_steps = 1_000_000  # paper: 1M steps
+    c.log_every = 100
+    c.eval_every = 50_000
+    c.checkpoint_every = 10_000
+    c.checkpoint_keep = 3
+    c.checkpoint_keep_every = 100_000
+    c.ema_decay = 0.9999
+    # DiT: AdamW at a constant 1e-4, no weight decay, no warm-up, default betas, no clipping.
+    c.optimizer = dict(lr=1e-4, end_lr=1e-4, warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
+                       weight_decay=0.0, clip_norm=0.0)
+    c.mesh = dict(data=-1, fsdp=1)
+    c.sharding = dict(rules=((".*", "fsdp"),), min_fsdp_size=2**18)
+
+    # The latent cache (made by --mode=cache_latents) and how latents are drawn from it.
+    c.cache = dict(dir="", latent="sample", flip=True)  # latent: 'sample' | 'mean'
+
+    c.model = ml_collections.ConfigDict()
+    c.model.size = size
+    c.model.hidden, c.model.depth, c.model.heads = hidden, depth, heads
+    c.model.patch_size = int(v.get("patch", 1))  # paper: DiT-XL/1
+    c.model.latent_size = 16  # f16 at 256 px; must match the cache
+    c.model.latent_channels = int(v.get("c", 16))
+    c.model.num_classes = 1000
+    c.model.label_dropout = 0.1  # classifier-free guidance training
+    c.model.dtype = "bfloat16"
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.time_sampling = "logit_normal"  # gap-fill, as the autoencoder; or 'uniform'
+    c.diffusion.time_loc = 0.0
+    c.diffusion.time_scale = 1.0
+    c.diffusion.sample_steps = 50
+    c.diffusion.sampler = "heun"
+    c.diffusion.spacing = "uniform"
+    c.diffusion.guidance = 1.0  # paper: no CFG
+
+    # --mode=sample, and the evaluation during training.
+    c.sample = dict(num=64, classes=(), seed=0, step=config_dict.placeholder(int))
+    c.eval = dict(num_images=16, fid_samples=5_000, fid_reference="", inception_weights="",
+                  step=config_dict.placeholder(int))
+    c.data = dict(workers=0, prefetch=2)
+
+    if "demo" in v:
+        _shrink_ldm_to_demo(c)
+    return c
+
+
+def _shrink_ldm_to_demo(c: ml_collections.ConfigDict) -> None:
+    """A small DiT on the demo autoencoder's cache (4x4x16 latents of 32 crops of each of the
+    15 training photos; the class is the photo)."""
+    c.name = "ldm-demo"
+    c.batch_size = 32
+    c.total_steps = 2_000
+    c.log_every = 50
+    c.eval_every = 1_000
+    c.checkpoint_every = 500
+    c.checkpoint_keep_every = 0
+    c.ema_decay = 0.999
+    c.optimizer.update(lr=3e-4, end_lr=3e-5, warmup_steps=100)
+    # Labels are photo indices into sources.EmbeddedPhotos.PHOTOS (19); the 15 training photos
+    # are the classes that occur in the cache.
+    c.model.update(size="demo", hidden=128, depth=4, heads=4, latent_size=4, num_classes=19,
+                   dtype="float32")
+    c.diffusion.sample_steps = 20
+    c.sample.num = 15
+    c.sample.classes = (0, 1, 3, 4, 5, 7, 8, 9, 10, 12, 13, 14, 15, 16, 18)
+    c.eval.update(num_images=15, fid_samples=64)

@@ -5,6 +5,10 @@ Only flags, config loading and dispatch live here; each mode is an importable fu
     eval     evaluate the latest (or --config.eval.step) checkpoint; prints one JSON line last
     summary  parameter table, latent shape and train-step FLOPs; prints one JSON line last
     benchmark  time the train step on synthetic batches; prints one JSON line last
+    cache_latents  encode the data once into --config.cache.dir (latent_cache.py); prints one
+             JSON line last
+    sample   (task=ldm) draw and decode samples into <workdir>/samples/<step>/; prints one JSON
+             line last
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from ml_collections import config_flags
 from dgae_jax import parallel
 from dgae_jax.config_lib import ConfigError
 
-MODES = ("train", "eval", "summary", "benchmark")
+MODES = ("train", "eval", "summary", "benchmark", "cache_latents", "sample")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/f16.py or configs/f16.py:demo,c=8.",
@@ -51,14 +55,34 @@ def main(argv) -> None:
         sys.exit(f"config error: {e}")
 
 
+# The modes each task supports, and whether they evaluate (need the Inception weights).
+TASK_MODES = {"autoencoder": ("train", "eval", "summary", "benchmark", "cache_latents"),
+              "ldm": ("train", "eval", "summary", "benchmark", "sample")}
+EVALUATING = ("train", "eval")
+
+
+def make_task(config, mode: str):
+    """The Task of `config.task` set up for `mode`."""
+    if config.task not in TASK_MODES:
+        raise ConfigError(f"task={config.task!r} is not one of {', '.join(TASK_MODES)}")
+    if mode not in TASK_MODES[config.task]:
+        raise ConfigError(f"--mode={mode} does not apply to task={config.task!r} (its modes: "
+                          f"{', '.join(TASK_MODES[config.task])})")
+    if config.task == "autoencoder":
+        from dgae_jax.tasks.ae import AutoencoderTask
+        return AutoencoderTask(config, with_inception=mode in EVALUATING)
+    from dgae_jax.tasks.ldm import LatentDiffusionTask
+    return LatentDiffusionTask(config, with_cache=mode not in ("summary", "benchmark"),
+                               with_inception=mode in EVALUATING)
+
+
 def run(config, mode: str, workdir: str | None) -> None:
     if mode == "summary":
         from dgae_jax import summary
-        summary.summarize(config)
+        summary.summarize(config, make_task(config, mode))
         return
     parallel.initialize_distributed()
-    from dgae_jax.tasks.ae import AutoencoderTask
-    task = AutoencoderTask(config)
+    task = make_task(config, mode)
     if mode == "benchmark":
         from dgae_jax import benchmark
         benchmark.benchmark(config, task)
@@ -69,6 +93,11 @@ def run(config, mode: str, workdir: str | None) -> None:
     from dgae_jax import trainer
     if mode == "train":
         trainer.train_and_evaluate(config, workdir, task)
+    elif mode == "cache_latents":
+        from dgae_jax import latent_cache
+        print(json.dumps(latent_cache.cache_latents(config, workdir, task)))
+    elif mode == "sample":
+        print(json.dumps(trainer.sample_checkpoint(config, workdir, task, config.sample.step)))
     else:
         print(json.dumps(trainer.evaluate_checkpoint(config, workdir, task, config.eval.step)))
 

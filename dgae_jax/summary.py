@@ -11,12 +11,10 @@ import json
 from collections import defaultdict
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from dgae_jax import parallel
 from dgae_jax.steps import compile_run, hlo_flops
-from dgae_jax.tasks.ae import AutoencoderTask
 
 
 def count_by_module(params, depth: int) -> dict[str, int]:
@@ -32,19 +30,14 @@ def train_step_flops(config: ml_collections.ConfigDict, task) -> float:
     """FLOPs of one train step on the global batch (XLA's HLO cost analysis)."""
     mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1)), jax.devices()[:1])
     fns = compile_run(config, task, mesh)
-    size, n = config.image_size, config.batch_size
-    batch = {"image": jax.ShapeDtypeStruct((n, size, size, 3), jnp.uint8),
-             "label": jax.ShapeDtypeStruct((n,), jnp.int32),
-             "id": jax.ShapeDtypeStruct((n,), jnp.int64)}
     model = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), task.model)
+    batch = task.batch_spec(config.batch_size)
     return hlo_flops(fns.train_step.lower(model, fns.abstract_state, batch))
 
 
-def summarize(config: ml_collections.ConfigDict) -> dict:
+def summarize(config: ml_collections.ConfigDict, task) -> dict:
     """Prints a table and returns the JSON record (whose line is printed last)."""
-    task = AutoencoderTask(config)
-    ae = task.model
-    params = jax.eval_shape(ae.init, jax.random.key(0))
+    params = jax.eval_shape(task.init_params, task.model, jax.random.key(0))
     rows = count_by_module(params, depth=3)
     totals = count_by_module(params, depth=1)
     width = max(len(k) for k in rows) + 2
@@ -57,19 +50,13 @@ def summarize(config: ml_collections.ConfigDict) -> dict:
     flops = train_step_flops(config, task)
     record = {
         "config": config.name,
-        "decoder_type": config.model.decoder,
-        "image_size": config.image_size,
-        "encoder_params": totals["encoder"],
-        "decoder_params": totals["decoder"],
-        "discriminator_params": totals.get("discriminator", 0),
+        **task.describe(totals),
         "total_params": sum(totals.values()),
-        "latent_shape": list(ae.latent_shape),
-        "latent_size": int(jnp.prod(jnp.array(ae.latent_shape))),
         "batch_size": config.batch_size,
         "train_step_flops": flops,
-        "train_step_flops_per_image": flops / config.batch_size,
+        "train_step_flops_per_example": flops / config.batch_size,
     }
-    print(f"latent shape {tuple(ae.latent_shape)}; train step (global batch "
+    print(f"latent shape {tuple(record['latent_shape'])}; train step (global batch "
           f"{config.batch_size}): {flops / 1e12:.2f} TFLOPs")
     print(json.dumps(record))
     return record

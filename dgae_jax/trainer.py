@@ -21,6 +21,7 @@ from etils import epath
 from clu import metric_writers, parameter_overview, periodic_actions
 
 from dgae_jax import checkpoint, parallel
+from dgae_jax.config_lib import ConfigError
 from dgae_jax.steps import State, compile_run
 
 
@@ -53,6 +54,10 @@ class Task(Protocol):
                 step: jax.Array) -> tuple[jax.Array, dict]: ...
 
     def train_data(self, process_index: int, process_count: int): ...
+
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]: ...
+
+    def describe(self, param_totals: dict[str, int]) -> dict: ...
 
     def evaluate(self, run: Run, params, step: int) -> dict[str, float]: ...
 
@@ -156,18 +161,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
     return state
 
 
+def restore_ema(config: ml_collections.ConfigDict, workdir: str, task: Task,
+                step: int | None = None, mesh: jax.sharding.Mesh | None = None):
+    """(step, EMA parameters) of a run's latest checkpoint, or of `step`, sharded on `mesh` as
+    training shards them. A run directory without checkpoints is an error."""
+    directory = checkpoint.run_directory(workdir) / "checkpoints"
+    if not directory.exists():  # checked first: the manager would create it
+        raise ConfigError(f"no checkpoint in {directory}: expected a trained run's workdir")
+    run_fns = compile_run(config, task, mesh or parallel.make_mesh(config.mesh))
+    ckpt = checkpoint.Checkpoints(workdir, config)
+    try:
+        step, state = ckpt.restore(run_fns.abstract_state, step=step)
+    finally:
+        ckpt.close()
+    return step, state["ema"]
+
+
+def _restored_run(config, workdir: str, task: Task, step: int | None):
+    workdir = checkpoint.run_directory(workdir)
+    mesh = parallel.make_mesh(config.mesh)
+    step, ema = restore_ema(config, workdir, task, step, mesh)
+    run = Run(config, workdir, mesh, jax.device_put(task.model, parallel.replicated(mesh)),
+              make_writer(workdir))
+    return run, step, ema
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, task: Task,
                         step: int | None = None) -> dict:
     """`--mode=eval`: the task's evaluation of a saved run's EMA parameters."""
-    workdir = checkpoint.run_directory(workdir)
-    mesh = parallel.make_mesh(config.mesh)
-    run_fns = compile_run(config, task, mesh)
-    ckpt = checkpoint.Checkpoints(workdir, config)
-    step, state = ckpt.restore(run_fns.abstract_state, step=step)
-    ckpt.close()
-    run = Run(config, workdir, mesh, jax.device_put(task.model, parallel.replicated(mesh)),
-              make_writer(workdir))
-    results = task.evaluate(run, state["ema"], step)
+    run, step, ema = _restored_run(config, workdir, task, step)
+    results = task.evaluate(run, ema, step)
     write_eval(run, step, results)
     run.writer.flush()
     return {"step": step, **results}
+
+
+def sample_checkpoint(config: ml_collections.ConfigDict, workdir: str, task: Task,
+                      step: int | None = None) -> dict:
+    """`--mode=sample`: the task's samples from a saved run's EMA parameters."""
+    run, step, ema = _restored_run(config, workdir, task, step)
+    record = task.sample(run, ema, step)
+    run.writer.flush()
+    return record

@@ -60,3 +60,42 @@ def test_bad_config_is_one_line(tmp_path, overrides, message):
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("config error:") and message in last, out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_autoencoder_cache_ldm_and_samples_end_to_end(tmp_path, inception_weights):
+    """demo autoencoder (2 steps) -> latent cache -> demo DiT (2 steps, with gFID) -> samples."""
+    from dgae_jax import fid
+    from dgae_jax.data import sources
+    ae, cache, ldm = (str(tmp_path / d) for d in ("ae", "cache", "ldm"))
+    main(*demo(total_steps=2, eval_every=100), f"--workdir={ae}", "--config.eval.rfid=False")
+    out = main(*demo(), f"--workdir={ae}", "--mode=cache_latents", f"--config.cache.dir={cache}")
+    cached = json.loads(out.stdout.strip().splitlines()[-1])
+    assert cached["latent_shape"] == [4, 4, 16]
+    assert cached["examples"] == {"train": 15 * 32, "eval": 8 * 4}  # 32 crops of each photo
+
+    reference = tmp_path / "reference.npz"
+    crops = sources.FixedCrops(sources.EmbeddedPhotos("eval"), 64)
+    np.savez(tmp_path / "ref_images.npz", np.stack([crops[i]["image"] for i in range(8)]))
+    fid.evaluate(str(tmp_path / "ref_images.npz"), save_stats=str(reference), batch_size=8,
+                 weights=inception_weights)
+    ldm_args = ["--config=configs/ldm_f16.py:demo", f"--workdir={ldm}",
+                f"--config.cache.dir={cache}", "--config.total_steps=2", "--config.log_every=1",
+                "--config.eval_every=2", "--config.checkpoint_every=2", "--config.batch_size=8",
+                "--config.eval.num_images=4", "--config.eval.fid_samples=8",
+                f"--config.eval.fid_reference={reference}",
+                f"--config.eval.inception_weights={inception_weights}",
+                "--config.diffusion.sample_steps=2"]
+    main(*ldm_args)
+    results = json.load(open(f"{ldm}/eval/2.json"))
+    assert results["fid_samples"] == 8 and results["gfid"] > 0
+    assert np.asarray(Image.open(f"{ldm}/samples/2/grid.png")).shape == (64, 4 * 64 + 3 * 2, 3)
+
+    out = main(*ldm_args, "--mode=sample", "--config.sample.num=6",
+               "--config.sample.classes=(3, 5)")
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    assert record["step"] == 2 and record["num"] == 6
+    with np.load(f"{ldm}/samples/2/images.npz") as saved:
+        assert saved["arr_0"].shape == (6, 64, 64, 3) and saved["arr_0"].dtype == np.uint8
+        assert saved["labels"].tolist() == [3, 5, 3, 5, 3, 5]
+    assert os.path.exists(f"{ldm}/samples/2/grid.png")

@@ -9,10 +9,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dgae_jax import parallel, trainer
+from dgae_jax import config_lib, parallel, trainer
 from dgae_jax.config_lib import ConfigError
 from dgae_jax.data import pipeline
 from dgae_jax.tasks.ae import AutoencoderTask
+from dgae_jax.tasks.ldm import LatentDiffusionTask
 
 
 def train_config(tiny_config, decoder="diffusion", gan=0.0):
@@ -38,15 +39,31 @@ def mesh_of(data, fsdp):
 
 @pytest.mark.parametrize("decoder,gan", [("diffusion", 0.0), ("conv", 0.5)])
 def test_sharded_step_equals_single_device(tiny_config, decoder, gan):
-    assert jax.device_count() == 8, "conftest must provide 8 CPU devices"
     cfg = train_config(tiny_config, decoder, gan)
+    if decoder == "conv":
+        cfg.loss.lpips_weight = 0.0  # the diffusion case covers LPIPS; this keeps compiles short
+    assert_sharded_steps_match(cfg, AutoencoderTask(cfg), next(iter(pipeline.train_dataset(cfg))))
+
+
+def test_sharded_ldm_step_equals_single_device():
+    cfg = config_lib.ldm_config("demo")
+    cfg.model.update(hidden=32, depth=2, heads=2, num_classes=4)
+    cfg.update(batch_size=8, total_steps=6)
+    cfg.optimizer.warmup_steps = 1
+    cfg.sharding.min_fsdp_size = 0
+    task = LatentDiffusionTask(cfg, with_cache=False)
+    rng = np.random.default_rng(0)
+    local = {"latent": rng.standard_normal((8, 4, 4, 16)).astype(np.float32),
+             "label": rng.integers(0, 4, 8).astype(np.int32)}
+    assert_sharded_steps_match(cfg, task, local)
+
+
+def assert_sharded_steps_match(cfg, task, local):
+    """Two train steps on meshes (8, 1) and (2, 4) update the parameters as on one device."""
+    assert jax.device_count() == 8, "conftest must provide 8 CPU devices"
     # A large step and an Adam epsilon far above float32 noise in the gradients: the parameter
     # updates then reflect the gradients (Adam would turn noise in ~0 gradients into +-lr).
     cfg.optimizer.update(lr=1e-2, eps=1e-3)
-    if decoder == "conv":
-        cfg.loss.lpips_weight = 0.0  # the diffusion case covers LPIPS; this keeps compiles short
-    task = AutoencoderTask(cfg)
-    local = next(iter(pipeline.train_dataset(cfg)))
     results = {}
     for data, fsdp in [(1, 1), (8, 1), (2, 4)]:
         mesh = mesh_of(data, fsdp)

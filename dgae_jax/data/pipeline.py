@@ -122,19 +122,27 @@ def train_dataset(config, process_index: int = 0, process_count: int = 1) -> gra
     data = config.data
     if data.crop not in CROPS:
         raise ConfigError(f"data.crop={data.crop!r} is not one of {CROPS}")
-    batch = per_process_batch(config, process_count)
     source = sources.make_source(config, "train")
     ds = grain.MapDataset.source(source).map_with_index(
         functools.partial(with_id, length=len(source)))
+    return epoch_batches(ds, config, process_index, process_count, functools.partial(
+        augment, size=config.image_size, crop=data.crop, min_scale=data.min_scale,
+        flip=data.flip))
+
+
+def epoch_batches(ds: grain.MapDataset, config, process_index: int, process_count: int,
+                  random_op) -> grain.IterDataset:
+    """This process's slice of `ds`, reshuffled every epoch, `random_op(example, rng)` applied
+    after the repeat (so every epoch draws anew), in batches of batch_size / process_count."""
+    batch = per_process_batch(config, process_count)
+    size = len(ds)
     ds = ds[process_index::process_count]
     if len(ds) == 0:
         raise ConfigError(f"process {process_index} of {process_count} gets no training "
-                         f"examples: the train split has only {len(source)}")
+                         f"examples: the train split has only {size}")
     ds = ds.shuffle(seed=stream_seed(config.seed, process_index, 0)).repeat()
-    ds = ds.random_map(functools.partial(
-        augment, size=config.image_size, crop=data.crop, min_scale=data.min_scale,
-        flip=data.flip), seed=stream_seed(config.seed, process_index, 1))
-    return _to_iter(ds.batch(batch, drop_remainder=True), data)
+    ds = ds.random_map(random_op, seed=stream_seed(config.seed, process_index, 1))
+    return _to_iter(ds.batch(batch, drop_remainder=True), config.data)
 
 
 def eval_size(config, source) -> int:
@@ -146,8 +154,10 @@ def eval_size(config, source) -> int:
     return n or len(source)
 
 
-def eval_dataset(config, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """One deterministic pass over the first eval_size eval examples, split over processes.
+def eval_dataset(config, process_index: int = 0, process_count: int = 1,
+                 source=None) -> grain.IterDataset:
+    """One deterministic pass over the first eval_size eval examples, split over processes
+    (or over every example of `source`, in the same eval view).
 
     The example list is padded to a multiple of the global batch, so every process runs the
     same number of batches (collectives stay in step) and each process gets whole batches; the
@@ -157,8 +167,11 @@ def eval_dataset(config, process_index: int = 0, process_count: int = 1) -> grai
     held-out photos (32 images), see sources.FixedCrops.
     """
     batch = per_process_batch(config, process_count)
-    source = sources.make_source(config, "eval")
-    count = eval_size(config, source)
+    if source is None:
+        source = sources.make_source(config, "eval")
+        count = eval_size(config, source)
+    else:
+        count = len(source)
     total = -(-count // config.batch_size) * config.batch_size
     ds = grain.MapDataset.range(total)[process_index::process_count]
     ds = ds.map(functools.partial(eval_example, source=source, count=count,

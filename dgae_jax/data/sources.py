@@ -372,3 +372,16 @@ def make_source(config, split_name: str):
     if split_name == "eval" and data.eval_subset:
         return Subset(source, subset_names(data.eval_subset), data.eval_subset)
     return source
+
+
+def cache_source(config, role: str):
+    """What the latent cache encodes for `role` ('train' or 'eval'): the role's source, except
+    that with cache.crops_per_image = k > 1 the train role is k fixed crops of each image (the
+    demo turns its 15 training photos into 480 examples labelled by photo)."""
+    source = make_source(config, role)
+    k = config.cache.crops_per_image
+    if k < 1:
+        raise ConfigError(f"cache.crops_per_image={k} must be >= 1")
+    if role == "train" and k > 1:
+        return FixedCrops(source, config.image_size, per_image=k, seed=config.seed)
+    return source

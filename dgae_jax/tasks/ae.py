@@ -52,12 +52,13 @@ def masked_sums(mesh, values: dict[str, jax.Array], mask: jax.Array) -> dict[str
 
 
 class AutoencoderTask:
-    def __init__(self, config: ml_collections.ConfigDict):
+    def __init__(self, config: ml_collections.ConfigDict, *, with_inception: bool = True):
+        """`with_inception=False`: no rFID (modes that never evaluate)."""
         self.config = config
         self.model = Autoencoder.from_config(config)
         # Loaded now so that missing weights stop the run at start, not at the first eval.
         self.inception_weights = (inception.load_weights(config.eval.inception_weights or None)
-                                  if config.eval.rfid else None)
+                                  if config.eval.rfid and with_inception else None)
 
     @staticmethod
     def init_params(model: Autoencoder, rng: jax.Array):
@@ -69,6 +70,21 @@ class AutoencoderTask:
 
     def train_data(self, process_index: int, process_count: int):
         return pipeline.train_dataset(self.config, process_index, process_count)
+
+    def batch_spec(self, batch_size: int) -> dict:
+        size = self.config.image_size
+        return {"image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8),
+                "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+                "id": jax.ShapeDtypeStruct((batch_size,), jnp.int64)}
+
+    def describe(self, param_totals: dict[str, int]) -> dict:
+        """The summary's model-specific fields."""
+        shape = self.model.latent_shape
+        return {"decoder_type": self.config.model.decoder, "image_size": self.config.image_size,
+                "encoder_params": param_totals["encoder"],
+                "decoder_params": param_totals["decoder"],
+                "discriminator_params": param_totals.get("discriminator", 0),
+                "latent_shape": list(shape), "latent_size": int(np.prod(shape))}
 
     @functools.cache
     def _eval_step(self, mesh):
@@ -100,7 +116,7 @@ class AutoencoderTask:
             rng = jax.random.fold_in(jax.random.key(self.config.seed), i)
             recon, sums = self._eval_step(run.mesh)(run.model, params, batch, rng)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-            if self.config.eval.rfid:
+            if self.inception_weights is not None:
                 for name, images in (("real", batch["image"]), ("recon", recon)):
                     features[name].add(self._inception(run.mesh)(images), batch["mask"])
             if len(shown) * self.config.batch_size < self.config.eval.num_images:
@@ -108,7 +124,7 @@ class AutoencoderTask:
         totals = jax.device_get(totals)
         count = totals.pop("count")
         results = {k: float(v / count) for k, v in totals.items()}
-        if self.config.eval.rfid:
+        if self.inception_weights is not None:
             results["rfid"] = fid.compare(features["real"].stats(),
                                           features["recon"].stats())["fid"]
         results["num_images"] = int(count)
