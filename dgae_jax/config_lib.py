@@ -216,7 +216,8 @@ def ldm_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sharding = dict(rules=((".*", "fsdp"),), min_fsdp_size=2**18)
 
     # The latent cache (made by --mode=cache_latents) and how latents are drawn from it.
-    c.cache = dict(dir="", latent="sample", flip=True)  # latent: 'sample' | 'mean'
+    # latent: 'sample' | 'mean'; verify: hash every shard when opening (one read of the cache).
+    c.cache = dict(dir="", latent="sample", flip=True, verify=True)
 
     c.model = ml_collections.ConfigDict()
     c.model.size = size

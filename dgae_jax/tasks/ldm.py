@@ -51,7 +51,7 @@ class LatentDiffusionTask:
         if not config.cache.dir:
             raise ConfigError("cache.dir is required: the latent cache written by "
                               "--mode=cache_latents")
-        self.cache = latents.LatentSource(config.cache.dir, "train")
+        self.cache = latents.LatentSource(config.cache.dir, "train", verify=config.cache.verify)
         if self.cache.mean is None:
             raise ConfigError(f"latent cache {config.cache.dir} has no train split statistics")
         shape = tuple(self.cache.manifest["latent_shape"])
