@@ -19,7 +19,7 @@ import ml_collections
 from flax import nnx
 
 from dgae_jax import diffusion
-from dgae_jax.config_lib import ConfigError
+from dgae_jax.errors import ConfigError
 from dgae_jax.metrics import lpips
 from dgae_jax.models.conv_decoder import ConvDecoder
 from dgae_jax.models.discriminator import PatchDiscriminator
@@ -51,36 +51,6 @@ class Posterior:
         """KL(q || N(0, I)) summed over each example's latent elements, shape (B,)."""
         terms = self.mean**2 + jnp.exp(self.logvar) - 1.0 - self.logvar
         return 0.5 * jnp.sum(terms, axis=tuple(range(1, self.mean.ndim)))
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    """One-line errors naming the bad field, raised before anything is built."""
-    m = config.model
-    f = 2 ** (len(m.encoder.channel_mult) - 1)
-    if f != m.spatial_factor:
-        raise ConfigError(f"model.encoder.channel_mult has {len(m.encoder.channel_mult)} levels, "
-                         f"a factor of {f}, but model.spatial_factor is {m.spatial_factor}")
-    if config.image_size % f:
-        raise ConfigError(f"image_size={config.image_size} is not divisible by the spatial "
-                         f"factor {f}")
-    if m.decoder not in ("diffusion", "conv"):
-        raise ConfigError(f"model.decoder={m.decoder!r} is not 'diffusion' or 'conv'")
-    if m.decoder == "diffusion":
-        mult = unet_channel_mult(config)
-        if config.image_size % 2 ** (len(mult) - 1):
-            raise ConfigError(f"image_size={config.image_size} is not divisible by the U-Net's "
-                             f"{len(mult) - 1} downsamplings (model.unet.channel_mult)")
-        if config.diffusion.time_sampling not in diffusion.TIME_SAMPLINGS:
-            raise ConfigError(f"diffusion.time_sampling={config.diffusion.time_sampling!r} is not "
-                             f"one of {diffusion.TIME_SAMPLINGS}")
-        if config.diffusion.sampler not in diffusion.SAMPLERS:
-            raise ConfigError(f"diffusion.sampler={config.diffusion.sampler!r} is not one of "
-                             f"{diffusion.SAMPLERS}")
-        if config.diffusion.spacing not in diffusion.SPACINGS:
-            raise ConfigError(f"diffusion.spacing={config.diffusion.spacing!r} is not one of "
-                             f"{diffusion.SPACINGS}")
-    if m.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"model.dtype={m.dtype!r} is not float32, bfloat16 or float16")
 
 
 def unet_channel_mult(config: ml_collections.ConfigDict) -> tuple:
@@ -120,11 +90,12 @@ class Autoencoder:
     lpips_weights: Any = None
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> "Autoencoder":
-        """Validates the config and loads LPIPS (failing loudly if its weights are missing)."""
-        validate(config)
+    def from_config(cls, config: ml_collections.ConfigDict, *,
+                    with_lpips: bool = True) -> "Autoencoder":
+        """Loads LPIPS when the loss uses it and `with_lpips` (training); encoding and decoding
+        need no LPIPS (`with_lpips=False`). The config is checked at start-up (validation.py)."""
         weights = (lpips.load_weights(config.loss.lpips_net)
-                   if config.loss.lpips_weight > 0 else None)
+                   if with_lpips and config.loss.lpips_weight > 0 else None)
         return cls(ml_collections.FrozenConfigDict(config), weights)
 
     # ----------------------------------------------------------------------------- structure

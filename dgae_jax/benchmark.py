@@ -7,7 +7,6 @@ the input pipeline out of the measurement; the trainer's logged throughput inclu
 
 from __future__ import annotations
 
-import json
 import time
 
 import jax
@@ -15,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from dgae_jax import parallel
-from dgae_jax.steps import compile_run, hlo_flops
+from dgae_jax.steps import build_steps, hlo_flops
 
 
 def synthetic_batch(config: ml_collections.ConfigDict, task, mesh) -> dict:
@@ -37,7 +36,7 @@ def synthetic_batch(config: ml_collections.ConfigDict, task, mesh) -> dict:
 
 def benchmark(config: ml_collections.ConfigDict, task, steps: int = 10) -> dict:
     mesh = parallel.make_mesh(config.mesh)
-    fns = compile_run(config, task, mesh)
+    fns = build_steps(config, task, mesh)
     model = jax.device_put(task.model, parallel.replicated(mesh))
     state = fns.init(model, jax.random.key(config.seed))
     batch = synthetic_batch(config, task, mesh)
@@ -64,5 +63,4 @@ def benchmark(config: ml_collections.ConfigDict, task, steps: int = 10) -> dict:
         "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
         "loss": float(metrics["loss"]),
     }
-    print(json.dumps(record))
     return record

@@ -1,10 +1,12 @@
 """Orbax checkpoints of a training run: the sharded train state, the data iterator, the config.
 
-One `CheckpointManager` per run directory with three items per step: `state` (params, optimiser,
-EMA, step, RNG key data), `data` (the grain iterator position of the batches actually consumed)
-and `config` (JSON). Saves are asynchronous; the latest N and every K-th step are kept. Restores
-go into an abstract target that carries the shardings wanted now, so a run can resume on another
-mesh. Errors propagate: a checkpoint that cannot be restored stops the run.
+One `CheckpointManager` per run directory with four items per step: `state` (params, optimiser,
+step, RNG key data), `ema` (the EMA parameters: what evaluation, caching, sampling and export
+use, saved apart so that they restore without the optimiser), `data` (the grain iterator
+position of the batches actually consumed) and `config` (JSON). Saves are asynchronous; the
+latest N and every K-th step are kept. Restores go into an abstract target that carries the
+shardings wanted now, so a run can resume on another mesh. Errors propagate: a checkpoint that
+cannot be restored stops the run.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def _manager(directory: epath.Path, config: ml_collections.ConfigDict) -> ocp.Ch
         save_decision_policy=policies.FixedIntervalPolicy(config.checkpoint_every),
         preservation_policy=policies.AnyPreservationPolicy(keep),
         create=True)
-    return ocp.CheckpointManager(directory, item_names=("state", "data", "config"),
+    return ocp.CheckpointManager(directory, item_names=("state", "ema", "data", "config"),
                                  options=options)
 
 
@@ -50,24 +52,42 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
         """Saves when the interval policy says so (or `force`); returns whether it did."""
+        train = {k: v for k, v in state.items() if k != "ema"}
         return self.manager.save(step, force=force, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
+            state=ocp.args.StandardSave(train),
+            ema=ocp.args.StandardSave(state["ema"]),
             data=grain.checkpoint.CheckpointSave(data_iter),
             config=ocp.args.JsonSave(self.config_json)))
 
     def restore(self, abstract_state, data_iter=None, step: int | None = None):
         """Restores `state` (into `abstract_state`'s shapes and shardings) and, if given, moves
         `data_iter` to the saved position. Returns (step, state)."""
-        step = self.latest_step if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        step = self._step(step)
+        train = {k: v for k, v in abstract_state.items() if k != "ema"}
+        items = {"state": ocp.args.StandardRestore(train),
+                 "ema": ocp.args.StandardRestore(abstract_state["ema"])}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return step, restored["state"]
+        return step, dict(restored["state"], ema=restored["ema"])
+
+    def restore_ema(self, abstract_params, step: int | None = None):
+        """Only the EMA parameters (no optimiser state is read). Returns (step, ema)."""
+        step = self._step(step)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            ema=ocp.args.StandardRestore(abstract_params)))
+        return step, restored["ema"]
+
+    def _step(self, step: int | None) -> int:
+        step = self.latest_step if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        return step
 
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)

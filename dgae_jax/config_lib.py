@@ -2,7 +2,8 @@
 
 A config file calls `autoencoder_config(factor, arg)`, where `arg` is the text after the colon
 in `--config=configs/f16.py:c=8,size=M`: comma-separated variants, each `key=value` or a bare
-flag. Paper facts and our gap-fills (see shared/reference/dgae-paper.md) are marked where set.
+flag. Paper facts (arXiv 2506.09644) and our gap-fills, where the paper is silent, are marked where
+set.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from dgae_jax.errors import ConfigError
 
-# SD-VAE encoder levels per spatial factor (CompVis configs; f16 widths as the issue fixes them).
+
+# SD-VAE encoder levels per spatial factor (CompVis latent-diffusion configs; f16 adds
+# one level to the f8 layout).
 ENCODER_CHANNEL_MULT = {8: (1, 2, 4, 4), 16: (1, 1, 2, 2, 4), 32: (1, 1, 2, 2, 4, 4)}
 # Self-attention inside the encoder/conv-decoder levels at these feature sizes (CompVis).
 ENCODER_ATTN = {8: (), 16: (16,), 32: (16, 8)}
@@ -24,10 +28,6 @@ VARIANTS = ("c", "size", "decoder", "res", "demo")
 LDM_VARIANTS = ("c", "size", "patch", "demo")
 # DiT paper Table 4: hidden size, depth, heads of DiT-S / B / L / XL.
 DIT_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
-
-
-class ConfigError(ValueError):
-    """A bad config field or input path; the CLI prints it as one line, without a traceback."""
 
 
 def parse_variants(arg: str | None, known: tuple[str, ...] = VARIANTS) -> dict[str, str]:
@@ -93,7 +93,7 @@ def autoencoder_config(factor: int, arg: str | None = None) -> ml_collections.Co
     c.eval = dict(num_images=8, step=config_dict.placeholder(int),
                   rfid=True,  # FID of reconstructions vs inputs (needs converted weights)
                   inception_weights="")  # "" = models/inception.default_weights_path()
-    # --mode=cache_latents (latent_cache.py): encode splits once with the EMA encoder.
+    # --mode=cache_latents (cache/job.py): encode splits once with the EMA encoder.
     c.cache = dict(
         dir="",  # output directory, local or bucket; required
         step=config_dict.placeholder(int),  # checkpoint step; None = the latest

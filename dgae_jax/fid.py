@@ -29,7 +29,7 @@ from absl import app, flags, logging
 
 from dgae_jax import parallel
 from dgae_jax.data import pipeline, sources
-from dgae_jax.metrics import fid
+from dgae_jax.metrics import frechet
 from dgae_jax.metrics.features import FeatureCollector, InceptionFeatures
 from dgae_jax.models import inception
 
@@ -129,7 +129,7 @@ def open_input(spec: str, image_size: int = 0):
     with np.load(spec) as data:
         files = set(data.files)
     if {"mu", "sigma"} <= files:
-        return "stats", fid.load_stats(spec)
+        return "stats", frechet.load_stats(spec)
     key = next((k for k in NpzImages.KEYS if k in files), None)
     if key is None:
         raise ValueError(f"{spec}: neither statistics (mu, sigma) nor images "
@@ -212,11 +212,11 @@ def evaluate(spec_a: str, spec_b: str | None = None, *, save_stats: str | None =
     result = {"a": {"input": spec_a, **describe(*inputs[0])}}
     if save_stats:
         if jax.process_index() == 0:
-            fid.save_stats(save_stats, stats[0])
+            frechet.save_stats(save_stats, stats[0])
         result["saved_stats"] = os.path.abspath(save_stats)
     if spec_b is not None:
         result["b"] = {"input": spec_b, **describe(*inputs[1])}
-        result.update(fid.compare(stats[0], stats[1], pools[0], pools[1]))
+        result.update(frechet.compare(stats[0], stats[1], pools[0], pools[1]))
     return result
 
 

@@ -17,26 +17,9 @@ import ml_collections
 from flax import nnx
 
 from dgae_jax import diffusion
-from dgae_jax.config_lib import ConfigError
 from dgae_jax.models.dit import DiT
 
 Params = dict[str, Any]
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    m, d = config.model, config.diffusion
-    if m.hidden % m.heads or (m.hidden // m.heads) % 2:
-        raise ConfigError(f"model.hidden={m.hidden} does not split into model.heads={m.heads} "
-                          "heads of even width")
-    if m.latent_size % m.patch_size:
-        raise ConfigError(f"model.patch_size={m.patch_size} does not divide "
-                          f"model.latent_size={m.latent_size}")
-    if not 0 <= m.label_dropout < 1:
-        raise ConfigError(f"model.label_dropout={m.label_dropout} is not in [0, 1)")
-    for field, allowed in (("time_sampling", diffusion.TIME_SAMPLINGS),
-                           ("sampler", diffusion.SAMPLERS), ("spacing", diffusion.SPACINGS)):
-        if d[field] not in allowed:
-            raise ConfigError(f"diffusion.{field}={d[field]!r} is not one of {allowed}")
 
 
 def _build(config: ml_collections.FrozenConfigDict, rngs: nnx.Rngs) -> DiT:
@@ -58,7 +41,6 @@ class LatentDiffusion:
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "LatentDiffusion":
-        validate(config)
         return cls(ml_collections.FrozenConfigDict(config))
 
     @property

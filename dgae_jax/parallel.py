@@ -22,7 +22,7 @@ from absl import logging
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from dgae_jax.config_lib import ConfigError
+from dgae_jax.errors import ConfigError
 
 AXES = ("data", "fsdp")
 BATCH_AXES = AXES  # the batch dimension is split over every device
@@ -107,3 +107,11 @@ def global_batch(local_batch: dict, mesh) -> dict:
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in local_batch.items()}
+
+
+def shard_host_batch(host_batch: dict, mesh) -> dict:
+    """The same global numpy batch on every process -> global arrays split over the batch axes
+    (each process places only the rows of its own devices)."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_callback(np.shape(v), sharding, lambda i, v=v: np.asarray(v)[i])
+            for k, v in host_batch.items()}

@@ -1,7 +1,9 @@
 """The pure, sharded pieces of a training run: state init and the train step, jitted.
 
-Kept apart from the loop (`trainer.py`) so benchmarks and tests can build and time the exact
-step the trainer runs without its logging and checkpointing stack.
+Kept apart from the loop (`trainer.py`) so benchmarks, summaries and tests can build and time the
+exact step the trainer runs without its logging and checkpointing stack. `build_steps` only
+traces shapes (nothing is allocated or compiled); the jitted functions compile on first call or
+through `.lower(...).compile()`.
 
 Train state (a plain dict, what Orbax saves):
     step       int32 scalar, the number of optimiser updates applied
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,21 +26,10 @@ import ml_collections
 import optax
 
 from dgae_jax import checkpoint, optim, parallel
-from dgae_jax.config_lib import ConfigError
-
-if TYPE_CHECKING:
-    from dgae_jax.trainer import Task
+from dgae_jax.errors import ConfigError
+from dgae_jax.tasks.base import Task
 
 State = dict[str, Any]
-
-
-def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-    for field in ("total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
-        if config[field] <= 0:
-            raise ConfigError(f"{field}={config[field]} must be positive")
-    if config.batch_size % mesh.size:
-        raise ConfigError(f"batch_size={config.batch_size} (global) is not divisible by the "
-                         f"{mesh.size} devices of the mesh")
 
 
 def make_init(task: Task, tx: optax.GradientTransformation) -> Callable:
@@ -68,8 +59,8 @@ def make_train_step(task: Task, tx: optax.GradientTransformation,
 
 
 @dataclasses.dataclass
-class Compiled:
-    """The sharded, jitted pieces of a run (built without allocating anything)."""
+class StepFns:
+    """The sharded, jitted pieces of a run (built without allocating or compiling anything)."""
 
     mesh: jax.sharding.Mesh
     state_shardings: Any
@@ -78,16 +69,18 @@ class Compiled:
     train_step: Callable  # (model, state, batch) -> (state, metrics), state donated
 
 
-def compile_run(config: ml_collections.ConfigDict, task: Task,
-                mesh: jax.sharding.Mesh) -> Compiled:
-    validate(config, mesh)
+def build_steps(config: ml_collections.ConfigDict, task: Task,
+                mesh: jax.sharding.Mesh) -> StepFns:
+    if config.batch_size % mesh.size:  # also checked at start-up for the configured mesh
+        raise ConfigError(f"batch_size={config.batch_size} (global) is not divisible by the "
+                          f"{mesh.size} devices of the mesh")
     tx = optim.make_optimizer(config)
     init = make_init(task, tx)
     abstract = jax.eval_shape(init, task.model, jax.random.key(0))
     shardings = parallel.tree_shardings(abstract, mesh, config.sharding)
     repl = parallel.replicated(mesh)
     model_sh = jax.tree.map(lambda _: repl, task.model)
-    return Compiled(
+    return StepFns(
         mesh=mesh, state_shardings=shardings,
         abstract_state=checkpoint.abstract_like(abstract, shardings),
         init=jax.jit(init, in_shardings=(model_sh, repl), out_shardings=shardings),

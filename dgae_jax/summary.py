@@ -7,14 +7,13 @@ paper models summarise in seconds on a CPU.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 
 import jax
 import ml_collections
 
 from dgae_jax import parallel
-from dgae_jax.steps import compile_run, hlo_flops
+from dgae_jax.steps import build_steps, hlo_flops
 
 
 def count_by_module(params, depth: int) -> dict[str, int]:
@@ -29,7 +28,7 @@ def count_by_module(params, depth: int) -> dict[str, int]:
 def train_step_flops(config: ml_collections.ConfigDict, task) -> float:
     """FLOPs of one train step on the global batch (XLA's HLO cost analysis)."""
     mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1)), jax.devices()[:1])
-    fns = compile_run(config, task, mesh)
+    fns = build_steps(config, task, mesh)
     model = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), task.model)
     batch = task.batch_spec(config.batch_size)
     return hlo_flops(fns.train_step.lower(model, fns.abstract_state, batch))
@@ -58,5 +57,4 @@ def summarize(config: ml_collections.ConfigDict, task) -> dict:
     }
     print(f"latent shape {tuple(record['latent_shape'])}; train step (global batch "
           f"{config.batch_size}): {flops / 1e12:.2f} TFLOPs")
-    print(json.dumps(record))
     return record

@@ -7,59 +7,18 @@ what differs: the model, its loss, its data and its evaluation.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import signal
 import time
-from typing import Any, Protocol
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from etils import epath
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import parameter_overview, periodic_actions
 
 from dgae_jax import checkpoint, parallel
-from dgae_jax.config_lib import ConfigError
-from dgae_jax.steps import State, compile_run
-
-
-@dataclasses.dataclass
-class Run:
-    """What a task's evaluation needs from the loop."""
-
-    config: ml_collections.ConfigDict
-    workdir: epath.Path
-    mesh: jax.sharding.Mesh
-    model: Any  # the task's model pytree, replicated on the mesh
-    writer: metric_writers.MetricWriter
-
-    @property
-    def is_lead(self) -> bool:
-        return jax.process_index() == 0
-
-
-class Task(Protocol):
-    """What a model brings to the loop. `model` is a pytree (static config + frozen arrays such
-    as LPIPS weights) handed to every jitted function as an argument."""
-
-    model: Any
-
-    @staticmethod
-    def init_params(model, rng: jax.Array) -> Any: ...
-
-    @staticmethod
-    def loss_fn(model, params, batch: dict, rng: jax.Array,
-                step: jax.Array) -> tuple[jax.Array, dict]: ...
-
-    def train_data(self, process_index: int, process_count: int): ...
-
-    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]: ...
-
-    def describe(self, param_totals: dict[str, int]) -> dict: ...
-
-    def evaluate(self, run: Run, params, step: int) -> dict[str, float]: ...
+from dgae_jax.steps import State, build_steps
+from dgae_jax.tasks.base import Run, Task, make_writer
 
 
 # --------------------------------------------------------------------------------- the loop
@@ -90,30 +49,16 @@ def _mean_metrics(history: list[dict]) -> dict[str, float]:
     return {k: float(np.mean([h[k] for h in host])) for k in host[0]}
 
 
-def make_writer(workdir: epath.Path) -> metric_writers.MetricWriter:
-    return metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0,
-                                                asynchronous=True)
-
-
-def write_eval(run: Run, step: int, results: dict[str, float]) -> None:
-    """TensorBoard scalars and `<workdir>/eval/<step>.json` (process 0)."""
-    run.writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()
-                                    if isinstance(v, (int, float))})
-    if run.is_lead:
-        path = run.workdir / "eval" / f"{step}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"step": step, **results}, indent=1))
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Task,
                        mesh: jax.sharding.Mesh | None = None) -> State:
     """Trains to `config.total_steps`, resuming from the latest checkpoint in `workdir`."""
     workdir = checkpoint.run_directory(workdir)
     mesh = mesh or parallel.make_mesh(config.mesh)
-    run_fns = compile_run(config, task, mesh)
+    run_fns = build_steps(config, task, mesh)
     model = jax.device_put(task.model, parallel.replicated(mesh))
     writer = make_writer(workdir)
     run = Run(config, workdir, mesh, model, writer)
+    evaluator = task.evaluator(run)
     ckpt = checkpoint.Checkpoints(workdir, config)
     data = iter(task.train_data(jax.process_index(), jax.process_count()))
 
@@ -147,7 +92,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
                 history, last_log = [], (step, time.time())
             if step % config.eval_every == 0 or step == config.total_steps:
                 eval_start = time.time()
-                write_eval(run, step, task.evaluate(run, state["ema"], step))
+                run.write_eval(step, evaluator.evaluate(state["ema"], step))
                 # Throughput counts training only.
                 last_log = (last_log[0], last_log[1] + time.time() - eval_start)
             saved = ckpt.save(step, state, data, force=step == config.total_steps)
@@ -159,47 +104,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
     ckpt.close()
     writer.flush()
     return state
-
-
-def restore_ema(config: ml_collections.ConfigDict, workdir: str, task: Task,
-                step: int | None = None, mesh: jax.sharding.Mesh | None = None):
-    """(step, EMA parameters) of a run's latest checkpoint, or of `step`, sharded on `mesh` as
-    training shards them. A run directory without checkpoints is an error."""
-    directory = checkpoint.run_directory(workdir) / "checkpoints"
-    if not directory.exists():  # checked first: the manager would create it
-        raise ConfigError(f"no checkpoint in {directory}: expected a trained run's workdir")
-    run_fns = compile_run(config, task, mesh or parallel.make_mesh(config.mesh))
-    ckpt = checkpoint.Checkpoints(workdir, config)
-    try:
-        step, state = ckpt.restore(run_fns.abstract_state, step=step)
-    finally:
-        ckpt.close()
-    return step, state["ema"]
-
-
-def _restored_run(config, workdir: str, task: Task, step: int | None):
-    workdir = checkpoint.run_directory(workdir)
-    mesh = parallel.make_mesh(config.mesh)
-    step, ema = restore_ema(config, workdir, task, step, mesh)
-    run = Run(config, workdir, mesh, jax.device_put(task.model, parallel.replicated(mesh)),
-              make_writer(workdir))
-    return run, step, ema
-
-
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, task: Task,
-                        step: int | None = None) -> dict:
-    """`--mode=eval`: the task's evaluation of a saved run's EMA parameters."""
-    run, step, ema = _restored_run(config, workdir, task, step)
-    results = task.evaluate(run, ema, step)
-    write_eval(run, step, results)
-    run.writer.flush()
-    return {"step": step, **results}
-
-
-def sample_checkpoint(config: ml_collections.ConfigDict, workdir: str, task: Task,
-                      step: int | None = None) -> dict:
-    """`--mode=sample`: the task's samples from a saved run's EMA parameters."""
-    run, step, ema = _restored_run(config, workdir, task, step)
-    record = task.sample(run, ema, step)
-    run.writer.flush()
-    return record

@@ -4,11 +4,14 @@ import json
 import subprocess
 import sys
 
-import ml_collections
 import pytest
 
 from dgae_jax import config_lib
-from dgae_jax.autoencoder import validate
+from dgae_jax.validation import validate as validate_for
+
+
+def validate(config):
+    validate_for(config, "summary")
 
 
 def test_variants():

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
+from absl import flags
 
 from dgae_jax import config_lib
 from dgae_jax.data import pipeline, sources
@@ -195,6 +196,8 @@ def test_worker_processes_give_the_same_stream_and_resume():
     cfg = make_config(size=16, batch=4)
     expected = take(pipeline.train_dataset(cfg), 5)
     cfg.data.workers = 1
+    if not flags.FLAGS.is_parsed():  # as absl.app.run leaves them; grain's workers read them
+        flags.FLAGS.mark_as_parsed()
     ds = pipeline.train_dataset(cfg)
     it = iter(ds)
     first = take(ds, 2, it)

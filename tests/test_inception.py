@@ -12,10 +12,10 @@ import pytest
 import scipy.ndimage
 from PIL import Image
 
-from dgae_jax import config_lib, fid as fid_cli
+from dgae_jax import config_lib, errors, fid as fid_cli
 from dgae_jax.data import sources
 from dgae_jax.metrics.features import InceptionFeatures
-from dgae_jax.metrics.fid import FeatureStats, frechet_distance
+from dgae_jax.metrics.frechet import FeatureStats, frechet_distance
 from dgae_jax.models import inception
 
 
@@ -151,10 +151,10 @@ def test_eval_subset_selects_listed_files_in_order(tmp_path):
         assert np.array_equal(picked[0]["image"], whole[4]["image"])
         assert np.array_equal(picked[1]["image"], whole[1]["image"])
         cfg.data.eval_subset = "imagenet_val_5k"  # the mock has no such files
-        with pytest.raises(config_lib.ConfigError, match="5000 of 5000 files are not in"):
+        with pytest.raises(errors.ConfigError, match="5000 of 5000 files are not in"):
             sources.make_source(cfg, "eval")
     cfg.data.update(name="embedded")
-    with pytest.raises(config_lib.ConfigError, match="needs a source with file names"):
+    with pytest.raises(errors.ConfigError, match="needs a source with file names"):
         sources.make_source(cfg, "eval")
 
 

@@ -23,10 +23,11 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
-from dgae_jax import checkpoint, config_lib, latent_cache, parallel
-from dgae_jax.config_lib import ConfigError
-from dgae_jax.data import latents, pipeline, sources
-from dgae_jax.steps import compile_run
+from dgae_jax import checkpoint, config_lib, parallel, validation
+from dgae_jax.cache import benchmark, format, job, reader
+from dgae_jax.data import pipeline, sources
+from dgae_jax.errors import ConfigError
+from dgae_jax.steps import build_steps
 from dgae_jax.tasks.ae import AutoencoderTask
 
 # configs/f16.py:demo made tiny; scalars only, so the CLI can pass them as --config.K=V.
@@ -80,13 +81,13 @@ def run(tmp_path_factory):
     cfg = demo_config()
     cfg.cache.dir = str(root / "cache")
     task = AutoencoderTask(cfg)
-    fns = compile_run(cfg, task, parallel.make_mesh(cfg.mesh))
+    fns = build_steps(cfg, task, parallel.make_mesh(cfg.mesh))
     state = synthetic_state(fns.abstract_state)  # numpy: saved in a second, restored sharded
     workdir = str(root / "ae")
     ckpt = checkpoint.Checkpoints(workdir, cfg)
     ckpt.save(STEP, state, iter(task.train_data(0, 1)), force=True)
     ckpt.close()
-    summary = latent_cache.cache_latents(cfg, workdir, task)
+    summary = job.cache_latents(cfg, workdir, task)
     return types.SimpleNamespace(cfg=cfg, task=task, workdir=workdir, dir=cfg.cache.dir,
                                  root=root, summary=summary,
                                  encoder=state["ema"]["encoder"])
@@ -123,7 +124,7 @@ def direct(run):
 
 
 def read_all(directory, role):
-    src = latents.LatentSource(directory, role)
+    src = reader.LatentSource(directory, role)
     return [src[i] for i in range(len(src))]
 
 
@@ -131,22 +132,22 @@ def read_all(directory, role):
 
 def test_records_round_trip_bit_exactly():
     rng = np.random.default_rng(0)
-    for dtype in latents.DTYPES.values():
+    for dtype in format.DTYPES.values():
         arrays = [rng.standard_normal((3, 2, 5)).astype(dtype) for _ in range(4)]
         arrays[0].flat[:3] = [np.inf, np.nan, 1e-40]
-        record = latents.decode_record(latents.encode_record(12, 3, arrays))
+        record = format.decode_record(format.encode_record(12, 3, arrays))
         assert (record["id"], record["label"]) == (12, 3)
-        for field, a in zip(latents.FIELDS, arrays):
+        for field, a in zip(format.FIELDS, arrays):
             assert record[field].dtype == dtype
             assert record[field].tobytes() == a.tobytes()
-    two = latents.decode_record(latents.encode_record(0, 0, arrays[:2]))
+    two = format.decode_record(format.encode_record(0, 0, arrays[:2]))
     assert set(two) == {"id", "label", "mean", "logvar"}
 
 
 def test_cache_equals_direct_encoding(run, direct):
     assert jax.device_count() == 8
     assert run.summary["written"] == run.summary["shards"] == 4 + 8
-    manifest = latents.load_manifest(run.dir, expected_config=run.cfg)
+    manifest = format.load_manifest(run.dir, expected_config=run.cfg)
     assert manifest["step"] == STEP and manifest["latent_shape"] == [2, 2, 16]
     assert manifest["dtype"] == "bfloat16" and manifest["flip"] is True
     assert manifest["checkpoint"] == {"workdir": run.workdir, "step": STEP}
@@ -159,13 +160,13 @@ def test_cache_equals_direct_encoding(run, direct):
         # Every record of the files, read raw: each id exactly once, in order.
         ids = []
         for s in entry["shards"]:
-            reader = ArrayRecordReader(os.path.join(run.dir, s["file"]))
-            ids += [int(latents.decode_record(r)["id"]) for r in reader.read_all()]
-            reader.close()
+            shard_file = ArrayRecordReader(os.path.join(run.dir, s["file"]))
+            ids += [int(format.decode_record(r)["id"]) for r in shard_file.read_all()]
+            shard_file.close()
         assert ids == list(range(n))
         records = read_all(run.dir, role)
         assert [int(r["label"]) for r in records] == direct[role]["label"].tolist()
-        for field in latents.FIELDS:
+        for field in format.FIELDS:
             stored = np.stack([r[field] for r in records])
             want = direct[role][field]
             np.testing.assert_allclose(stored, want, rtol=2 ** -8, atol=1e-6, err_msg=field)
@@ -180,26 +181,26 @@ def test_statistics_are_the_closed_form(run, direct):
     var = np.exp(direct["train"]["logvar"].astype(np.float64)).reshape(-1, 16)
     mean = mu.mean(0)
     std = np.sqrt(mu.var(0) + var.mean(0))
-    stats = latents.load_manifest(run.dir)["stats"]
+    stats = format.load_manifest(run.dir)["stats"]
     assert stats["split"] == "train" and stats["positions"] == 15 * 2 * 2
     np.testing.assert_allclose(stats["mean"], mean, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(stats["std"], std, rtol=1e-5)
     # The sidecars' partial sums combine to the same numbers.
     sums = None
     for path in sorted(glob.glob(os.path.join(run.dir, "train-*.json"))):
-        sums = latent_cache.add_sums(sums, json.load(open(path))["sums"])
-    assert latent_cache.latent_stats(sums)["std"] == stats["std"]
+        sums = format.add_sums(sums, json.load(open(path))["sums"])
+    assert format.latent_stats(sums)["std"] == stats["std"]
 
 
 def test_reader_normalises_samples_and_flips(run):
-    src = latents.LatentSource(run.dir, "train", expected_config=run.cfg)
+    src = reader.LatentSource(run.dir, "train", expected_config=run.cfg)
     m, s = src.mean, src.std
     example = src[3]
-    mean_op = latents.SampleLatent(m, s, mode="mean", flip=False)
+    mean_op = reader.SampleLatent(m, s, mode="mean", flip=False)
     out = mean_op(example, np.random.default_rng(0))
     np.testing.assert_array_equal(out["latent"], (example["mean"] - m) / s)
     assert (out["id"], out["label"], out["flipped"]) == (3, example["label"], False)
-    sample_op = latents.SampleLatent(m, s, mode="sample", flip=True)
+    sample_op = reader.SampleLatent(m, s, mode="sample", flip=True)
     got = sample_op(example, np.random.default_rng(5))
     rng = np.random.default_rng(5)
     prefix = "flip_" if rng.uniform() < 0.5 else ""
@@ -208,26 +209,26 @@ def test_reader_normalises_samples_and_flips(run):
     np.testing.assert_allclose(got["latent"], (z - m) / s, rtol=1e-6)
     assert got["flipped"] == (prefix == "flip_")
 
-    ds = latents.latent_dataset(run.dir, "train", seed=1, verify=False)
-    a, b = list(ds), list(latents.latent_dataset(run.dir, "train", seed=1, verify=False))
+    ds = reader.latent_dataset(run.dir, "train", seed=1, verify=False)
+    a, b = list(ds), list(reader.latent_dataset(run.dir, "train", seed=1, verify=False))
     assert [int(x["id"]) for x in a] == list(range(15))
     assert all(np.array_equal(x["latent"], y["latent"]) for x, y in zip(a, b))  # (seed, index)
     assert 0 < sum(bool(x["flipped"]) for x in a) < 15
-    again = list(latents.latent_dataset(run.dir, "train", seed=2, verify=False))
+    again = list(reader.latent_dataset(run.dir, "train", seed=2, verify=False))
     assert not np.array_equal(a[0]["latent"], again[0]["latent"])
     batch = next(iter(ds.shuffle(seed=0).batch(5).to_iter_dataset(grain.ReadOptions())))
     assert batch["latent"].shape == (5, 2, 2, 16) and batch["latent"].dtype == np.float32
 
 
 def test_rerun_of_a_complete_cache_writes_nothing(run):
-    again = latent_cache.cache_latents(run.cfg, run.workdir, run.task)
+    again = job.cache_latents(run.cfg, run.workdir, run.task)
     assert again["written"] == 0 and again["step"] == STEP
 
 
 def test_benchmark_times_the_job_and_the_encoder(run):
     cfg = run.cfg.copy_and_resolve_references()
     cfg.cache.update(dir="", benchmark=48)
-    record = latent_cache.cache_latents(cfg, run.workdir, run.task)
+    record = benchmark.benchmark(cfg, run.workdir, run.task)
     assert record["images"] == 48 and record["batch_size"] == 8 and record["devices"] == 8
     assert record["cache_images_per_sec"] > 0 and record["encode_images_per_sec"] > 0
     assert record["bytes_per_1000_images"] > 1000 * 24  # at least the record headers
@@ -244,54 +245,58 @@ def copy_cache(run, name):
 def test_damaged_or_foreign_caches_are_refused(run):
     other = demo_config(**{"model.latent_channels": 8})
     with pytest.raises(ConfigError, match="was made by another autoencoder config"):
-        latents.LatentSource(run.dir, "train", expected_config=other)
+        reader.LatentSource(run.dir, "train", expected_config=other)
     with pytest.raises(ConfigError, match="no split 'test'"):
-        latents.LatentSource(run.dir, "test")
+        reader.LatentSource(run.dir, "test")
 
     missing = copy_cache(run, "missing")
     os.remove(os.path.join(missing, "eval-00002-of-00008.array_record"))
     with pytest.raises(ConfigError, match=r"latent cache shard \S*missing/eval-00002-of-00008"
                                           r"\.array_record is missing"):
-        latents.LatentSource(missing, "eval")
+        reader.LatentSource(missing, "eval")
 
     corrupt = copy_cache(run, "corrupt")
     path = os.path.join(corrupt, "train-00001-of-00004.array_record")
     data = bytearray(open(path, "rb").read())
     data[len(data) // 2] ^= 0x01
     open(path, "wb").write(bytes(data))
-    latents.LatentSource(corrupt, "eval")  # the other split is intact
+    reader.LatentSource(corrupt, "eval")  # the other split is intact
     with pytest.raises(ConfigError, match=r"latent cache shard \S*corrupt/train-00001-of-00004"
                                           r"\.array_record is corrupted"):
-        latents.LatentSource(corrupt, "train")
+        reader.LatentSource(corrupt, "train")
 
     incomplete = copy_cache(run, "incomplete")
     os.remove(os.path.join(incomplete, "manifest.json"))
     with pytest.raises(ConfigError, match=r"latent cache \S*incomplete is incomplete: no "
                                           r"manifest\.json"):
-        latents.LatentSource(incomplete, "train")
+        reader.LatentSource(incomplete, "train")
 
 
 def test_job_refuses_bad_inputs(run, tmp_path):
     cfg = demo_config()
+
+    def validate(cfg):
+        validation.validate(cfg, "cache_latents", workdir=run.workdir, device_count=8)
+
     with pytest.raises(ConfigError, match="cache.dir is required for --mode=cache_latents"):
-        latent_cache.cache_latents(cfg, run.workdir, run.task)
+        validate(cfg)
     cfg.cache.dir = str(tmp_path / "out")
     empty = tmp_path / "not_a_run"
     with pytest.raises(ConfigError, match=r"no checkpoint in \S*not_a_run/checkpoints: "
-                                          "--workdir must be a trained autoencoder run"):
-        latent_cache.cache_latents(cfg, str(empty), run.task)
+                                          "expected a trained run's workdir"):
+        job.cache_latents(cfg, str(empty), run.task)
     assert not empty.exists()  # nothing created in a wrong workdir
     cfg.cache.step = 3
     with pytest.raises(ConfigError, match=r"cache.step=3: \S* has no checkpoint of that step"):
-        latent_cache.cache_latents(cfg, run.workdir, run.task)
+        job.cache_latents(cfg, run.workdir, run.task)
     cfg.cache.step = None
     cfg.cache.dtype = "int8"
     with pytest.raises(ConfigError, match="cache.dtype='int8'"):
-        latent_cache.cache_latents(cfg, run.workdir, run.task)
+        validate(cfg)
     cfg.cache.dtype = "bfloat16"
     cfg.cache.batch_size = 12
     with pytest.raises(ConfigError, match=r"cache.batch_size=12 \(global\) is not divisible"):
-        latent_cache.cache_latents(cfg, run.workdir, run.task)
+        validate(cfg)
 
     # Shards of another run (here another dtype) are never mixed into a resumed cache.
     cfg.cache.batch_size = 8
@@ -300,14 +305,14 @@ def test_job_refuses_bad_inputs(run, tmp_path):
     cfg.cache.dtype = "float16"
     with pytest.raises(ConfigError, match=r"train-00000-of-00004\.json belongs to another caching "
                                           r"run \(dtype='bfloat16', this run 'float16'\)"):
-        latent_cache.cache_latents(cfg, run.workdir, run.task)
+        job.cache_latents(cfg, run.workdir, run.task)
     cfg.cache.update(dtype="bfloat16", crops_per_image=2)  # other images behind the eval ids
     with pytest.raises(ConfigError, match=r"eval-00000-of-00008\.json belongs to another caching "
                                           r"run \(data_sha256="):
-        latent_cache.cache_latents(cfg, run.workdir, run.task)
+        job.cache_latents(cfg, run.workdir, run.task)
     with pytest.raises(ConfigError, match=r"manifest\.json describes another cache \(differs in "
                                           "dtype\\)"):
-        latent_cache.cache_latents(dict_copy(run.cfg, dtype="float16"), run.workdir, run.task)
+        job.cache_latents(dict_copy(run.cfg, dtype="float16"), run.workdir, run.task)
 
 
 def dict_copy(cfg, **cache):
@@ -346,12 +351,12 @@ def test_cli_resumes_after_sigkill_to_the_same_cache(run, tmp_path):
 
     # The same records, byte for byte, as the uninterrupted in-process run (one image per
     # device there too), and the same statistics from the partial sums of both runs' sidecars.
-    manifest = latents.load_manifest(out, expected_config=run.cfg)
-    reference = latents.load_manifest(run.dir)
+    manifest = format.load_manifest(out, expected_config=run.cfg)
+    reference = format.load_manifest(run.dir)
     assert [len(manifest["splits"][r]["shards"]) for r in COUNTS] == [8, 16]
     for role, n in COUNTS.items():
-        got = latents.LatentSource(out, role)
-        want = latents.LatentSource(run.dir, role)
+        got = reader.LatentSource(out, role)
+        want = reader.LatentSource(run.dir, role)
         assert [int(got[i]["id"]) for i in range(len(got))] == list(range(n))
         assert [got.records[i] for i in range(n)] == [want.records[i] for i in range(n)]
     np.testing.assert_allclose(manifest["stats"]["mean"], reference["stats"]["mean"],

@@ -9,8 +9,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dgae_jax import config_lib, parallel, trainer
-from dgae_jax.config_lib import ConfigError
+from dgae_jax import config_lib, parallel, steps, trainer
+from dgae_jax.errors import ConfigError
+from dgae_jax.cache import reader
 from dgae_jax.data import pipeline
 from dgae_jax.tasks.ae import AutoencoderTask
 from dgae_jax.tasks.ldm import LatentDiffusionTask
@@ -51,7 +52,7 @@ def test_sharded_ldm_step_equals_single_device():
     cfg.update(batch_size=8, total_steps=6)
     cfg.optimizer.warmup_steps = 1
     cfg.sharding.min_fsdp_size = 0
-    task = LatentDiffusionTask(cfg, with_cache=False)
+    task = LatentDiffusionTask(cfg, "summary")
     rng = np.random.default_rng(0)
     local = {"latent": rng.standard_normal((8, 4, 4, 16)).astype(np.float32),
              "label": rng.integers(0, 4, 8).astype(np.int32)}
@@ -67,7 +68,7 @@ def assert_sharded_steps_match(cfg, task, local):
     results = {}
     for data, fsdp in [(1, 1), (8, 1), (2, 4)]:
         mesh = mesh_of(data, fsdp)
-        fns = trainer.compile_run(cfg, task, mesh)
+        fns = steps.build_steps(cfg, task, mesh)
         model = jax.device_put(task.model, parallel.replicated(mesh))
         state = fns.init(model, jax.random.key(0))
         init = jax.device_get(state["params"])
@@ -107,33 +108,77 @@ class RecordingIterator(grain.DatasetIterator):
         self._inner.set_state(state)
 
 
-class RecordingTask(AutoencoderTask):
-    def __init__(self, config, signal_at=None):
-        super().__init__(config)
-        self.log, self.signal_at = [], signal_at
+def recording(task_cls):
+    """`task_cls` whose training stream records the batch ids it yields (and can send SIGTERM)."""
+
+    class Recording(task_cls):
+        def __init__(self, config, signal_at=None):
+            super().__init__(config, "train")
+            self.log, self.signal_at = [], signal_at
+
+        def train_data(self, process_index, process_count):
+            dataset = super().train_data(process_index, process_count)
+            task = self
+
+            class Stream:
+                def __iter__(self):
+                    return RecordingIterator(iter(dataset), task.log, task.signal_at)
+
+            return Stream()
+
+    return Recording
+
+
+class NoEvaluation:
+    def evaluate(self, params, step):
+        return {}
+
+
+class SyntheticLatentTask(LatentDiffusionTask):
+    """The DiT task on 24 random stored posteriors instead of a cache on disk (the data path from
+    the posteriors on is the task's own); its evaluation decodes nothing."""
+
+    def __init__(self, config, mode="train"):
+        super().__init__(config, "summary")
+        rng = np.random.default_rng(0)
+        shape = self.model.latent_shape
+        self.examples = [{"mean": rng.standard_normal(shape).astype(np.float32),
+                          "logvar": np.full(shape, -2.0, np.float32),
+                          "label": np.int32(i % 4), "id": np.int64(i)} for i in range(24)]
 
     def train_data(self, process_index, process_count):
-        dataset = super().train_data(process_index, process_count)
-        task = self
+        op = reader.SampleLatent(np.zeros(16, np.float32), np.ones(16, np.float32))
+        return pipeline.epoch_batches(grain.MapDataset.source(self.examples), self.config,
+                                      process_index, process_count, op)
 
-        class Recording:
-            def __iter__(self):
-                return RecordingIterator(iter(dataset), task.log, task.signal_at)
-
-        return Recording()
+    def evaluator(self, run):
+        return NoEvaluation()
 
 
-def test_exact_resume_after_sigterm(tiny_config, tmp_path):
-    cfg = train_config(tiny_config)
+def ldm_train_config():
+    cfg = config_lib.ldm_config("demo")
+    cfg.model.update(hidden=32, depth=2, heads=2, num_classes=4)
+    cfg.update(batch_size=8, total_steps=6, log_every=2, eval_every=1000, checkpoint_every=4)
+    cfg.optimizer.warmup_steps = 1
+    cfg.ema_decay = 0.9
+    return cfg
+
+
+@pytest.mark.parametrize("kind", ["autoencoder", "ldm"])
+def test_exact_resume_after_sigterm(tiny_config, tmp_path, kind):
+    if kind == "autoencoder":
+        cfg, task_cls = train_config(tiny_config), recording(AutoencoderTask)
+    else:
+        cfg, task_cls = ldm_train_config(), recording(SyntheticLatentTask)
     mesh = mesh_of(2, 4)
-    straight = RecordingTask(cfg)
+    straight = task_cls(cfg)
     want = trainer.train_and_evaluate(cfg, str(tmp_path / "straight"), straight, mesh)
 
-    first = RecordingTask(cfg, signal_at=3)  # SIGTERM arrives while step 3 is prepared
+    first = task_cls(cfg, signal_at=3)  # SIGTERM arrives while step 3 is prepared
     stopped = trainer.train_and_evaluate(cfg, str(tmp_path / "resumed"), first, mesh)
     assert int(stopped["step"]) == 3
     assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["3"]
-    second = RecordingTask(cfg)
+    second = task_cls(cfg)
     got = trainer.train_and_evaluate(cfg, str(tmp_path / "resumed"), second, mesh)
 
     assert first.log + second.log == straight.log  # same batches, same order, none skipped
@@ -141,9 +186,10 @@ def test_exact_resume_after_sigterm(tiny_config, tmp_path):
     assert int(got["step"]) == int(want["step"]) == 6
     for a, b in zip(jax.tree.leaves(jax.device_get(got)), jax.tree.leaves(jax.device_get(want))):
         np.testing.assert_array_equal(a, b)
-    for run in ("straight", "resumed"):
-        assert os.path.exists(tmp_path / run / "eval" / "6.json")
-        assert os.path.exists(tmp_path / run / "images" / "6.png")
+    if kind == "autoencoder":
+        for run in ("straight", "resumed"):
+            assert os.path.exists(tmp_path / run / "eval" / "6.json")
+            assert os.path.exists(tmp_path / run / "images" / "6.png")
 
 
 def test_invalid_configs_fail_at_start(tiny_config, tmp_path):

@@ -19,7 +19,7 @@ import functools
 import grain
 import numpy as np
 
-from dgae_jax.config_lib import ConfigError
+from dgae_jax.errors import ConfigError
 from dgae_jax.data import sources
 
 CROPS = ("resize_random", "random_resized")
@@ -103,10 +103,11 @@ def _to_iter(ds: grain.MapDataset, data) -> grain.IterDataset:
     if data.workers > 0:
         from absl import flags
 
-        # grain's workers read an absl flag; outside absl.app.run (notebooks, tests) it is
-        # unparsed and the workers would crash with UnparsedFlagAccessError.
+        # grain's workers read absl flags, so they must be parsed (the CLI's app.run does it).
         if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
+            raise ConfigError(f"data.workers={data.workers} starts grain worker processes, which "
+                              "read absl flags: parse them first (absl.app.run, or "
+                              "absl.flags.FLAGS.mark_as_parsed() in a notebook)")
         it = it.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=int(data.workers), per_worker_buffer_size=max(1, prefetch)))
     return it
@@ -120,8 +121,6 @@ def train_dataset(config, process_index: int = 0, process_count: int = 1) -> gra
     a function of config.seed only, so an iterator restored with set_state replays the stream.
     """
     data = config.data
-    if data.crop not in CROPS:
-        raise ConfigError(f"data.crop={data.crop!r} is not one of {CROPS}")
     source = sources.make_source(config, "train")
     ds = grain.MapDataset.source(source).map_with_index(
         functools.partial(with_id, length=len(source)))

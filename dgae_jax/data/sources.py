@@ -13,7 +13,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from dgae_jax.config_lib import ConfigError
+from dgae_jax.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 

@@ -13,7 +13,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from dgae_jax import parallel
-from dgae_jax.metrics.fid import FeatureStats
+from dgae_jax.metrics.frechet import FeatureStats
 from dgae_jax.models import inception
 
 

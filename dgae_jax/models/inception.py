@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from dgae_jax.config_lib import ConfigError
+from dgae_jax.errors import ConfigError
 
 INPUT_SIZE = 299
 SPATIAL_CHANNELS = 7

@@ -22,11 +22,12 @@ from jax.sharding import PartitionSpec as P
 from dgae_jax import grids, parallel
 from dgae_jax.autoencoder import Autoencoder
 from dgae_jax.data import pipeline
-from dgae_jax.metrics import fid
+from dgae_jax.metrics import frechet
 from dgae_jax.metrics import image as image_metrics
 from dgae_jax.metrics import lpips
 from dgae_jax.metrics.features import FeatureCollector, InceptionFeatures
 from dgae_jax.models import inception
+from dgae_jax.tasks.base import Run
 
 
 def to_signed(images: jax.Array) -> jax.Array:
@@ -52,13 +53,16 @@ def masked_sums(mesh, values: dict[str, jax.Array], mask: jax.Array) -> dict[str
 
 
 class AutoencoderTask:
-    def __init__(self, config: ml_collections.ConfigDict, *, with_inception: bool = True):
-        """`with_inception=False`: no rFID (modes that never evaluate)."""
+    modes = ("train", "eval", "summary", "benchmark", "cache_latents")
+
+    def __init__(self, config: ml_collections.ConfigDict, mode: str = "train"):
+        """Loads what `mode` needs: LPIPS (a loss term and an evaluation metric) for all but
+        caching, the FID Inception only for the modes that evaluate."""
         self.config = config
-        self.model = Autoencoder.from_config(config)
+        self.model = Autoencoder.from_config(config, with_lpips=mode != "cache_latents")
         # Loaded now so that missing weights stop the run at start, not at the first eval.
         self.inception_weights = (inception.load_weights(config.eval.inception_weights or None)
-                                  if config.eval.rfid and with_inception else None)
+                                  if config.eval.rfid and mode in ("train", "eval") else None)
 
     @staticmethod
     def init_params(model: Autoencoder, rng: jax.Array):
@@ -86,66 +90,75 @@ class AutoencoderTask:
                 "discriminator_params": param_totals.get("discriminator", 0),
                 "latent_shape": list(shape), "latent_size": int(np.prod(shape))}
 
-    @functools.cache
-    def _eval_step(self, mesh):
-        """Reconstructs a batch and returns it with the masked sums of its metrics."""
+    def evaluator(self, run: Run) -> "AutoencoderEvaluator":
+        return AutoencoderEvaluator(self.config, run, self.inception_weights)
 
-        def step(model: Autoencoder, params, batch: dict, rng: jax.Array):
-            x = to_signed(batch["image"])
-            x_hat = jnp.clip(model.reconstruct(params, x, rng), -1.0, 1.0)
-            real, fake = image_metrics.to_uint8_range(x), image_metrics.to_uint8_range(x_hat)
-            values = {"psnr": image_metrics.psnr(real, fake),
-                      "ssim": image_metrics.ssim(real, fake)}
-            if model.lpips_weights is not None:
-                values["lpips"] = lpips.lpips_distance(model.lpips_weights, x_hat, x,
-                                                       net=model.config.loss.lpips_net)
-            return fake.astype(jnp.uint8), masked_sums(mesh, values, batch["mask"].astype(bool))
-        return jax.jit(step)
 
-    @functools.cache
-    def _inception(self, mesh) -> InceptionFeatures:
-        return InceptionFeatures(mesh, self.inception_weights)
+def decode_settings(config: ml_collections.ConfigDict) -> dict:
+    """How reconstructions were decoded, recorded next to the metrics."""
+    if config.model.decoder != "diffusion":
+        return {"decode_steps": 1}
+    d = config.diffusion
+    return {"decode_steps": d.sample_steps, "sampler": d.sampler, "spacing": d.spacing}
 
-    def evaluate(self, run, params, step: int) -> dict[str, float]:
-        """PSNR / SSIM / LPIPS / rFID of EMA reconstructions over the whole evaluation set."""
+
+class AutoencoderEvaluator:
+    """PSNR / SSIM / LPIPS / rFID of EMA reconstructions over the whole evaluation set; built once
+    per run (the jitted reconstruction step and the Inception network on the run's mesh)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, run: Run, inception_weights):
+        self.config, self.run = config, run
+        self.inception = (None if inception_weights is None
+                          else InceptionFeatures(run.mesh, inception_weights))
+        self._step = jax.jit(functools.partial(_eval_step, run.mesh))
+
+    def evaluate(self, params, step: int) -> dict[str, float]:
+        run, config = self.run, self.config
         totals, shown = None, []
         features = {"real": FeatureCollector(), "recon": FeatureCollector()}
-        data = pipeline.eval_dataset(self.config, jax.process_index(), jax.process_count())
+        data = pipeline.eval_dataset(config, jax.process_index(), jax.process_count())
         for i, local in enumerate(data):
             batch = parallel.global_batch(local, run.mesh)
-            rng = jax.random.fold_in(jax.random.key(self.config.seed), i)
-            recon, sums = self._eval_step(run.mesh)(run.model, params, batch, rng)
+            rng = jax.random.fold_in(jax.random.key(config.seed), i)
+            recon, sums = self._step(run.model, params, batch, rng)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-            if self.inception_weights is not None:
+            if self.inception is not None:
                 for name, images in (("real", batch["image"]), ("recon", recon)):
-                    features[name].add(self._inception(run.mesh)(images), batch["mask"])
-            if len(shown) * self.config.batch_size < self.config.eval.num_images:
+                    features[name].add(self.inception(images), batch["mask"])
+            if len(shown) * config.batch_size < config.eval.num_images:
                 shown.append((batch["image"], recon, batch["mask"]))
         totals = jax.device_get(totals)
         count = totals.pop("count")
         results = {k: float(v / count) for k, v in totals.items()}
-        if self.inception_weights is not None:
-            results["rfid"] = fid.compare(features["real"].stats(),
-                                          features["recon"].stats())["fid"]
+        if self.inception is not None:
+            results["rfid"] = frechet.compare(features["real"].stats(),
+                                              features["recon"].stats())["fid"]
         results["num_images"] = int(count)
-        results.update(self.decode_settings())
-        self._write_grid(run, step, shown)
+        results.update(decode_settings(config))
+        self._write_grid(step, shown)
         return results
 
-    def decode_settings(self) -> dict:
-        """How reconstructions were decoded, recorded next to the metrics."""
-        if self.config.model.decoder != "diffusion":
-            return {"decode_steps": 1}
-        d = self.config.diffusion
-        return {"decode_steps": d.sample_steps, "sampler": d.sampler, "spacing": d.spacing}
-
-    def _write_grid(self, run, step: int, shown: list) -> None:
+    def _write_grid(self, step: int, shown: list) -> None:
         """The first `eval.num_images` evaluation images over their reconstructions."""
+        if not shown:
+            return
         inputs, recon, mask = (
             np.concatenate([np.asarray(multihost_utils.process_allgather(a, tiled=True))
                             for a in arrays]) for arrays in zip(*shown))
         real = np.flatnonzero(mask)[:self.config.eval.num_images]
         grid = grids.image_grid(np.stack([inputs[real], recon[real]]))
-        run.writer.write_images(step, {"reconstructions": grid[None]})
-        if run.is_lead:
-            grids.save_png(grid, run.workdir / "images" / f"{step}.png")
+        self.run.writer.write_images(step, {"reconstructions": grid[None]})
+        if self.run.is_lead:
+            grids.save_png(grid, self.run.workdir / "images" / f"{step}.png")
+
+
+def _eval_step(mesh, model: Autoencoder, params, batch: dict, rng: jax.Array):
+    """Reconstructs a batch; returns it (uint8) with the masked sums of its metrics."""
+    x = to_signed(batch["image"])
+    x_hat = jnp.clip(model.reconstruct(params, x, rng), -1.0, 1.0)
+    real, fake = image_metrics.to_uint8_range(x), image_metrics.to_uint8_range(x_hat)
+    values = {"psnr": image_metrics.psnr(real, fake), "ssim": image_metrics.ssim(real, fake)}
+    if model.lpips_weights is not None:
+        values["lpips"] = lpips.lpips_distance(model.lpips_weights, x_hat, x,
+                                               net=model.config.loss.lpips_net)
+    return fake.astype(jnp.uint8), masked_sums(mesh, values, batch["mask"].astype(bool))

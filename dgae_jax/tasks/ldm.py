@@ -1,7 +1,7 @@
 """The latent DiT task: `ldm.LatentDiffusion` on a latent cache, plugged into the shared trainer.
 
 Training batches are normalised latents drawn afresh every epoch from the cache's stored
-posteriors (data/latents.py). Images come from sampling: the EMA DiT draws normalised latents
+posteriors (cache/reader.py). Images come from sampling: the EMA DiT draws normalised latents
 for given classes, they are un-normalised with the cache's statistics and decoded by the DGAE
 whose checkpoint the cache manifest names. Evaluation writes a sample grid and reports gFID of
 `eval.fid_samples` samples (classes i mod num_classes) against reference statistics:
@@ -18,17 +18,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from jax.experimental import multihost_utils
 
-from dgae_jax import grids, parallel, trainer
+from dgae_jax import grids, inference, parallel
 from dgae_jax.autoencoder import Autoencoder
-from dgae_jax.config_lib import ConfigError
-from dgae_jax.data import latents, pipeline, sources
+from dgae_jax.cache import reader
+from dgae_jax.data import pipeline, sources
+from dgae_jax.errors import ConfigError
 from dgae_jax.ldm import LatentDiffusion
-from dgae_jax.metrics import fid, image as image_metrics
+from dgae_jax.metrics import frechet, image as image_metrics
 from dgae_jax.metrics.features import FeatureCollector, InceptionFeatures
 from dgae_jax.models import inception
+from dgae_jax.tasks.base import Run
 
 
 def autoencoder_config(manifest: dict) -> ml_collections.ConfigDict:
@@ -39,19 +40,17 @@ def autoencoder_config(manifest: dict) -> ml_collections.ConfigDict:
 
 
 class LatentDiffusionTask:
-    def __init__(self, config: ml_collections.ConfigDict, *, with_cache: bool = True,
-                 with_inception: bool = True):
-        """`with_cache=False` (summary, benchmark) builds the model from config alone;
-        `with_inception=False` skips gFID (sampling only)."""
+    modes = ("train", "eval", "summary", "benchmark", "sample")
+
+    def __init__(self, config: ml_collections.ConfigDict, mode: str = "train"):
+        """summary and benchmark build the model from config alone; the other modes open the
+        latent cache, and those that evaluate load the FID Inception."""
         self.config = config
         self.model = LatentDiffusion.from_config(config)
         self.cache = self.inception_weights = None
-        if not with_cache:
+        if mode in ("summary", "benchmark"):
             return
-        if not config.cache.dir:
-            raise ConfigError("cache.dir is required: the latent cache written by "
-                              "--mode=cache_latents")
-        self.cache = latents.LatentSource(config.cache.dir, "train", verify=config.cache.verify)
+        self.cache = reader.LatentSource(config.cache.dir, "train", verify=config.cache.verify)
         if self.cache.mean is None:
             raise ConfigError(f"latent cache {config.cache.dir} has no train split statistics")
         shape = tuple(self.cache.manifest["latent_shape"])
@@ -59,8 +58,8 @@ class LatentDiffusionTask:
             raise ConfigError(f"model.latent_size={config.model.latent_size}, model."
                               f"latent_channels={config.model.latent_channels} do not match the "
                               f"cache's latents {shape}")
-        self.inception_weights = (inception.load_weights(config.eval.inception_weights or None)
-                                  if config.eval.fid_samples and with_inception else None)
+        if config.eval.fid_samples and mode in ("train", "eval"):
+            self.inception_weights = inception.load_weights(config.eval.inception_weights or None)
 
     @staticmethod
     def init_params(model: LatentDiffusion, rng: jax.Array):
@@ -84,131 +83,115 @@ class LatentDiffusionTask:
                 "hidden": m.hidden, "depth": m.depth, "heads": m.heads}
 
     def train_data(self, process_index: int, process_count: int):
-        op = latents.SampleLatent(self.cache.mean, self.cache.std, self.config.cache.latent,
+        op = reader.SampleLatent(self.cache.mean, self.cache.std, self.config.cache.latent,
                                   self.config.cache.flip)
         ds = grain.MapDataset.source(self.cache).map(
             functools.partial(check_label, num_classes=self.config.model.num_classes))
         return pipeline.epoch_batches(ds, self.config, process_index, process_count, op)
 
-    # ------------------------------------------------------------------------------ images
-    @functools.cache
-    def decoder(self, mesh) -> tuple[Autoencoder, dict]:
-        """The DGAE named by the cache manifest and its EMA parameters on `mesh`."""
-        from dgae_jax.tasks.ae import AutoencoderTask
+    def evaluator(self, run: Run) -> "LatentDiffusionEvaluator":
+        return LatentDiffusionEvaluator(self.config, run, self.cache, self.inception_weights)
 
-        ae_config = autoencoder_config(self.cache.manifest)
-        ae_task = AutoencoderTask(ae_config)
-        ckpt = self.cache.manifest["checkpoint"]
-        _, ema = trainer.restore_ema(ae_config, ckpt["workdir"], ae_task, ckpt["step"], mesh)
-        logging.info("decoding with the DGAE of %s, step %d", ckpt["workdir"], ckpt["step"])
-        return jax.device_put(ae_task.model, parallel.replicated(mesh)), ema
 
-    @functools.cache
-    def _generate(self, mesh):
-        mean, std = jnp.asarray(self.cache.mean), jnp.asarray(self.cache.std)
+class LatentDiffusionEvaluator:
+    """Sampling and gFID for one run: built once, it restores the DGAE named by the cache's
+    manifest (EMA parameters only, no LPIPS) onto the run's mesh and jits the generator."""
+
+    def __init__(self, config: ml_collections.ConfigDict, run: Run, cache, inception_weights):
+        self.config, self.run, self.cache = config, run, cache
+        ckpt = cache.manifest["checkpoint"]
+        self.ae_config = autoencoder_config(cache.manifest)
+        _, self.ae, self.ae_params = inference.load_autoencoder(
+            self.ae_config, ckpt["workdir"], run.mesh, ckpt["step"], field="the cache's step")
+        self.inception = (None if inception_weights is None
+                          else InceptionFeatures(run.mesh, inception_weights))
+        mean, std = jnp.asarray(cache.mean), jnp.asarray(cache.std)
 
         def generate(ldm: LatentDiffusion, params, ae: Autoencoder, ae_params, labels, rng):
             rng_z, rng_x = jax.random.split(rng)
             z = ldm.sample(params, labels, rng_z) * std + mean
             x = jnp.clip(ae.decode(ae_params, z, rng_x), -1.0, 1.0)
             return image_metrics.to_uint8_range(x).astype(jnp.uint8)
-        return jax.jit(generate, out_shardings=parallel.batch_sharding(mesh))
+        self._generate = jax.jit(generate, out_shardings=parallel.batch_sharding(run.mesh))
 
-    def generate(self, run, params, labels: np.ndarray, seed: int):
-        """uint8 images for `labels` (all processes pass the same labels), in batches of
+    def generate(self, params, labels: np.ndarray, seed: int):
+        """uint8 images for `labels` (every process passes the same labels), in batches of
         batch_size; yields (global image batch, global mask) pairs."""
-        ae, ae_params = self.decoder(run.mesh)
-        batch, count = self.config.batch_size, len(labels)
-        local = pipeline.per_process_batch(self.config, jax.process_count())
-        for i, start in enumerate(range(0, count, batch)):
-            padded = np.zeros(batch, np.int32)
+        batch = self.config.batch_size
+        for i, start in enumerate(range(0, len(labels), batch)):
             real = labels[start:start + batch]
+            padded = np.zeros(batch, np.int32)
             padded[:len(real)] = real
-            mask = np.arange(batch) < len(real)
-            p = jax.process_index()
-            global_batch = parallel.global_batch(
-                {"label": padded[p * local:(p + 1) * local], "mask": mask[p * local:(p + 1) * local]},
-                run.mesh)
+            host = {"label": padded, "mask": np.arange(batch) < len(real)}
+            device = parallel.shard_host_batch(host, self.run.mesh)
             rng = jax.random.fold_in(jax.random.key(seed), i)
-            yield (self._generate(run.mesh)(run.model, params, ae, ae_params,
-                                            global_batch["label"], rng), global_batch["mask"])
+            yield (self._generate(self.run.model, params, self.ae, self.ae_params,
+                                  device["label"], rng), device["mask"])
 
     def sample_labels(self, num: int) -> np.ndarray:
         """`num` labels cycling through sample.classes (all classes when empty)."""
-        n = self.config.model.num_classes
-        classes = tuple(self.config.sample.classes) or range(n)
-        bad = [c for c in classes if not 0 <= c < n]
-        if bad:
-            raise ConfigError(f"sample.classes={bad} are outside [0, {n}) "
-                              f"(model.num_classes={n})")
+        classes = tuple(self.config.sample.classes) or range(self.config.model.num_classes)
         return np.resize(np.asarray(classes, np.int32), num)
 
-    def write_samples(self, run, params, step: int, num: int, seed: int) -> np.ndarray:
+    def write_samples(self, params, step: int, num: int, seed: int) -> np.ndarray:
         """`samples/<step>/grid.png` and `images.npz` (uint8, key arr_0 as ADM's files, plus
         the labels), and the grid in TensorBoard."""
         labels = self.sample_labels(num)
         images = np.concatenate([
             np.asarray(multihost_utils.process_allgather(x, tiled=True))[
                 np.asarray(multihost_utils.process_allgather(m, tiled=True))]
-            for x, m in self.generate(run, params, labels, seed)])
+            for x, m in self.generate(params, labels, seed)])
         grid = grids.image_grid(images[None])
-        run.writer.write_images(step, {"samples": grid[None]})
-        if run.is_lead:
-            out = run.workdir / "samples" / str(step)
+        self.run.writer.write_images(step, {"samples": grid[None]})
+        if self.run.is_lead:
+            out = self.run.workdir / "samples" / str(step)
             out.mkdir(parents=True, exist_ok=True)
             grids.save_png(grid, out / "grid.png")
             with (out / "images.npz").open("wb") as f:
                 np.savez(f, images, labels=labels)
         return images
 
-    # ------------------------------------------------------------------------------ evaluation
-    @functools.cache
-    def _inception(self, mesh) -> InceptionFeatures:
-        return InceptionFeatures(mesh, self.inception_weights)
-
-    def reference_stats(self, run) -> dict[str, fid.FeatureStats]:
+    def reference_stats(self) -> dict[str, frechet.FeatureStats]:
         """eval.fid_reference, or the statistics of the cached images (once, in the workdir)."""
         path = self.config.eval.fid_reference
         if path:
-            return fid.load_stats(path)
-        cached = run.workdir / "fid_reference.npz"
+            return frechet.load_stats(path)
+        cached = self.run.workdir / "fid_reference.npz"
         if cached.exists():
             with cached.open("rb") as f:
-                return fid.load_stats(f)
-        ae_config = autoencoder_config(self.cache.manifest)
+                return frechet.load_stats(f)
+        ae_config = self.ae_config.copy_and_resolve_references()
         ae_config.batch_size = self.config.batch_size
         collector = FeatureCollector()
         images = sources.cache_source(ae_config, "train")
         for local in pipeline.eval_dataset(ae_config, jax.process_index(), jax.process_count(),
                                            images):
-            batch = parallel.global_batch(local, run.mesh)
-            collector.add(self._inception(run.mesh)(batch["image"]), batch["mask"])
+            batch = parallel.global_batch(local, self.run.mesh)
+            collector.add(self.inception(batch["image"]), batch["mask"])
         stats = collector.stats()
-        if run.is_lead:
+        if self.run.is_lead:
             with cached.open("wb") as f:
-                fid.save_stats(f, stats)
+                frechet.save_stats(f, stats)
         return stats
 
-    def evaluate(self, run, params, step: int) -> dict[str, float]:
+    def evaluate(self, params, step: int) -> dict[str, float]:
         """A sample grid and, with eval.fid_samples > 0, gFID / sFID of that many samples."""
-        self.write_samples(run, params, step, self.config.eval.num_images, self.config.seed)
+        self.write_samples(params, step, self.config.eval.num_images, self.config.seed)
         n = self.config.eval.fid_samples
-        if self.inception_weights is None or not n:
+        if self.inception is None or not n:
             return {}
         collector = FeatureCollector()
-        for images, mask in self.generate(run, params, self.sample_labels(n),
-                                          self.config.seed + 1):
-            collector.add(self._inception(run.mesh)(images), mask)
-        scores = fid.compare(self.reference_stats(run), collector.stats())
+        for images, mask in self.generate(params, self.sample_labels(n), self.config.seed + 1):
+            collector.add(self.inception(images), mask)
+        scores = frechet.compare(self.reference_stats(), collector.stats())
         return {"gfid": scores["fid"], "gsfid": scores["sfid"], "fid_samples": len(collector)}
 
-    def sample(self, run, params, step: int) -> dict:
+    def sample(self, params, step: int) -> dict:
         """`--mode=sample`: sample.num images of sample.classes with sample.seed."""
-        s = self.config.sample
-        images = self.write_samples(run, params, step, s.num, s.seed)
-        d = self.config.diffusion
-        return {"step": step, "num": len(images), "samples": str(run.workdir / "samples" /
-                                                                  str(step)),
+        s, d = self.config.sample, self.config.diffusion
+        images = self.write_samples(params, step, s.num, s.seed)
+        return {"step": step, "num": len(images),
+                "samples": str(self.run.workdir / "samples" / str(step)),
                 "steps": d.sample_steps, "sampler": d.sampler, "guidance": d.guidance}
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from dgae_jax.metrics.fid import (FeatureStats, frechet_distance, load_stats, precision_recall,
+from dgae_jax.metrics.frechet import (FeatureStats, frechet_distance, load_stats, precision_recall,
                                   save_stats)
 
 

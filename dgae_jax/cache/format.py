@@ -1,23 +1,43 @@
-"""Latent caches: the record format, the manifest, and a grain source that reads a cache back.
+"""The latent cache's file format, described here and nowhere else, and the code that makes and
+checks its bytes. Like data/sources.py this imports no jax: it runs in grain workers.
 
-A cache (written by `dgae_jax.latent_cache`, `--mode=cache_latents`) is one directory:
+A cache (written by `--mode=cache_latents`, cache/job.py) is one directory:
 
-    <split>-<k>-of-<n>.array_record  ArrayRecord shard (group_size 1, zstd): the contiguous ids
+    <split>-<k>-of-<n>.array_record  ArrayRecord shard (WRITER_OPTIONS): the contiguous ids
                                      [k * E, min((k + 1) * E, count)) of split <split>, in order
-    <split>-<k>-of-<n>.json          its sidecar: the run's identity, id range, sha256, partial
-                                     sums for the latent statistics
+                                     (E = cache.examples_per_shard; k, n with five digits)
+    <split>-<k>-of-<n>.json          its sidecar, written before the shard is renamed into place
     manifest.json                    written last, by process 0: its presence means complete
+    *.tmp                            files of an interrupted run, overwritten when it resumes
 
-`<split>` is the role, 'train' or 'eval' (config.data.train_split / eval_split name the dataset
-splits), and a split's shards tile its ids, so record r of the concatenated shards is id r.
+`<split>` is the role, 'train' or 'eval' (ROLES; config.data.train_split / eval_split name the
+dataset splits), and a split's shards tile its ids, so record r of the concatenated shards is
+id r.
+
+Identity (`identity`): "format" (FORMAT), "config_sha256" (`config_hash`: what fixes the latents
+of an image), "data_sha256" (of `data_identity`: what fixes the images behind the ids), the
+checkpoint "step", "dtype", "flip" and "latent_shape". Shards are combined only when all agree.
+
+Sidecar (JSON): the identity, "split", "file", the id range "start", "end", "count", the file's
+"sha256" and "bytes", and "sums": the shard's partial sums of the statistics.
+
+Manifest (JSON): the identity; "encoder_config" and "data_config" (what the two hashes are of);
+"config" (the whole autoencoder config); "checkpoint" {"workdir", "step"};
+"examples_per_shard"; "record" (the record layout in one line); "splits": per role {"dataset",
+"dataset_split", "num_examples", "stats", "shards": [{"file", "start", "end", "count", "sha256",
+"bytes"}]}; "stats": the train split's statistics plus "split": "train" (null without it).
 
 Record (little-endian): a 24-byte header `HEADER` = magic b"DGL1", id int64, label int32,
 dtype code uint8 (DTYPE_CODES), array count uint8 (2, or 4 with the flipped image), latent
 h, w, c uint16; then the arrays, each h*w*c elements in C order: posterior mean, log-variance
-[, mean and log-variance of the horizontally flipped image]. Raw bytes, so every dtype,
+[, mean and log-variance of the horizontally flipped image] (FIELDS). Raw bytes, so every dtype,
 bfloat16 included, round-trips bit for bit.
 
-Like sources.py this imports no jax: it runs in grain workers.
+Statistics of the sampled latent z = mu + sigma * eps, per channel over the train split's
+examples and positions (unflipped), from the float32 encoder output in float64 (before the cast
+to the stored dtype): mean_c = E[mu_c], std_c^2 = Var(mu_c) + E[exp(logvar_c)], as
+{"positions", "mean", "std"}. The sidecars' sums ("count" positions, "sum" and "sum_sq" of mu,
+"sum_var" of exp(logvar)) add up across shards to exactly the manifest's statistics.
 """
 
 from __future__ import annotations
@@ -28,15 +48,15 @@ import json
 import os
 import struct
 
-import grain
 import ml_dtypes
 import numpy as np
 from etils import epath
 
-from dgae_jax.config_lib import ConfigError
+from dgae_jax.errors import ConfigError
 
 FORMAT = "dgae-latent-cache/1"
 MANIFEST = "manifest.json"
+ROLES = ("train", "eval")
 MAGIC = b"DGL1"
 HEADER = struct.Struct("<4sqiBB3H")
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -45,7 +65,6 @@ DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
 FIELDS = ("mean", "logvar", "flip_mean", "flip_logvar")
 # group_size 1: one record per chunk, so a random read decodes one record (what grain wants).
 WRITER_OPTIONS = "group_size:1,zstd:3"
-MODES = ("sample", "mean")
 
 
 # --------------------------------------------------------------------------- records
@@ -82,6 +101,45 @@ def decode_record(record: bytes) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- shards
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """One planned shard: ids [start, end) of a split, the index-th of num."""
+
+    split: str  # role: 'train' | 'eval'
+    index: int
+    num: int
+    start: int
+    end: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:05d}-of-{self.num:05d}"
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.array_record"
+
+    @property
+    def sidecar(self) -> str:
+        return f"{self.name}.json"
+
+    @property
+    def count(self) -> int:
+        return self.end - self.start
+
+
+def plan_shards(counts: dict[str, int], per_shard: int) -> list[Shard]:
+    """Every split's ids cut into contiguous shards of `per_shard` (the last may be shorter)."""
+    shards = []
+    for split, n in counts.items():
+        num = -(-n // per_shard)
+        shards += [Shard(split, k, num, k * per_shard, min(n, (k + 1) * per_shard))
+                   for k in range(num)]
+    return shards
+
+
 # --------------------------------------------------------------------------- identity
 
 def canonical_json(obj) -> str:
@@ -100,6 +158,28 @@ def config_hash(config) -> str:
     return hashlib.sha256(canonical_json(encoder_identity(config)).encode()).hexdigest()
 
 
+def data_identity(config) -> dict:
+    """What fixes the images behind the ids (the eval view's size is in the config hash)."""
+    d = config.data
+    out = {"data": {k: d.get(k) for k in ("name", "train_split", "eval_split", "dir",
+                                          "eval_subset")},
+           "crops_per_image": int(config.cache.get("crops_per_image", 1))}
+    if out["crops_per_image"] > 1:
+        out["seed"] = int(config.seed)  # places the crops
+    return out
+
+
+def identity(config, step: int, latent_shape) -> dict:
+    """What a sidecar and the manifest must agree on for shards to be combined."""
+    data = canonical_json(data_identity(config)).encode()
+    return {"format": FORMAT, "config_sha256": config_hash(config),
+            "data_sha256": hashlib.sha256(data).hexdigest(), "step": int(step),
+            "dtype": config.cache.dtype, "flip": bool(config.cache.flip),
+            "latent_shape": [int(d) for d in latent_shape]}
+
+
+# --------------------------------------------------------------------------- files
+
 def file_sha256(path) -> str:
     digest = hashlib.sha256()
     with epath.Path(path).open("rb") as f:
@@ -108,8 +188,35 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def shard_name(split: str, index: int, num: int) -> str:
-    return f"{split}-{index:05d}-of-{num:05d}"
+def write_json(path: epath.Path, obj) -> None:
+    """Written to `<path>.tmp`, then renamed: a reader sees the whole file or none."""
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- statistics
+
+def partial_sums(mean: np.ndarray, logvar: np.ndarray) -> dict:
+    """Per-channel float64 sums over the examples and positions of float32 posteriors."""
+    mu = mean.astype(np.float64).reshape(-1, mean.shape[-1])
+    var = np.exp(logvar.astype(np.float64)).reshape(mu.shape)
+    return {"count": int(mu.shape[0]), "sum": mu.sum(0), "sum_sq": (mu * mu).sum(0),
+            "sum_var": var.sum(0)}
+
+
+def add_sums(a: dict | None, b: dict) -> dict:
+    if a is None:
+        return dict(b)
+    return {k: a[k] + np.asarray(b[k]) for k in b}
+
+
+def latent_stats(sums: dict) -> dict:
+    """mean_c = E[mu_c]; std_c = sqrt(Var(mu_c) + E[exp(logvar_c)]): moments of sampled z."""
+    n = sums["count"]
+    mean = np.asarray(sums["sum"]) / n
+    var = np.asarray(sums["sum_sq"]) / n - mean ** 2 + np.asarray(sums["sum_var"]) / n
+    return {"positions": int(n), "mean": mean.tolist(), "std": np.sqrt(var).tolist()}
 
 
 # --------------------------------------------------------------------------- manifest
@@ -156,82 +263,3 @@ def check_shards(directory, manifest: dict, split: str, verify: bool = True) -> 
         raise ConfigError(f"{directory / MANIFEST}: the {split} shards end at id {end}, "
                           f"expected {entry['num_examples']}")
     return paths
-
-
-# --------------------------------------------------------------------------- reading
-
-class LatentSource:
-    """Random access to one split of a cache: `src[i]` is the decoded record of id i, as float32
-    arrays (h, w, c) "mean", "logvar" [, "flip_mean", "flip_logvar"] plus "label" and "id".
-
-    Opening checks the manifest (and its config hash when `expected_config` is given), that
-    every shard exists and, with `verify`, the shards' checksums. `mean` and `std` are the
-    per-channel statistics of the sampled training latents from the manifest.
-    """
-
-    def __init__(self, directory, split: str = "train", *, expected_config=None,
-                 verify: bool = True):
-        self.directory, self.split = epath.Path(directory), split
-        self.manifest = load_manifest(directory, expected_config)
-        self.paths = check_shards(directory, self.manifest, split, verify)
-        self.records = grain.sources.ArrayRecordDataSource(self.paths)
-        n = self.manifest["splits"][split]["num_examples"]
-        if len(self.records) != n:
-            raise ConfigError(f"latent cache {self.directory}: the {split} shards hold "
-                              f"{len(self.records)} records, {MANIFEST} says {n}")
-        stats = self.manifest["stats"]
-        self.mean = None if stats is None else np.asarray(stats["mean"], np.float32)
-        self.std = None if stats is None else np.asarray(stats["std"], np.float32)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> dict:
-        record = decode_record(self.records[i])
-        return {k: v.astype(np.float32) if k in FIELDS else v for k, v in record.items()}
-
-    def __repr__(self) -> str:
-        return f"LatentSource({os.fspath(self.directory)!r}, {self.split!r}, {len(self)} examples)"
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleLatent:
-    """grain `random_map` op: a stored posterior -> {"latent", "label", "id", "flipped"}.
-
-    The latent is z = mean + exp(logvar / 2) * n (mode 'sample', n drawn from the per-example
-    Generator grain passes) or the posterior mean (mode 'mean'), normalised per channel as
-    (z - mean_c) / std_c; with `flip` and a cache that stores flipped images, the flipped
-    image's posterior is used with probability 1/2. No global RNG: the output is a function of
-    (grain seed, index) only.
-    """
-
-    mean: np.ndarray
-    std: np.ndarray
-    mode: str = "sample"
-    flip: bool = True
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ConfigError(f"latent mode {self.mode!r} is not one of {', '.join(MODES)}")
-
-    def __call__(self, example: dict, rng: np.random.Generator) -> dict:
-        flipped = bool(self.flip and "flip_mean" in example and rng.uniform() < 0.5)
-        prefix = "flip_" if flipped else ""
-        z = example[prefix + "mean"]
-        if self.mode == "sample":
-            noise = rng.standard_normal(z.shape, dtype=np.float32)
-            z = z + np.exp(0.5 * example[prefix + "logvar"]) * noise
-        latent = ((z - self.mean) / self.std).astype(np.float32)
-        return {"latent": latent, "label": example["label"], "id": example["id"],
-                "flipped": np.bool_(flipped)}
-
-
-def latent_dataset(directory, split: str = "train", *, mode: str = "sample", flip: bool = True,
-                   seed: int = 0, expected_config=None, verify: bool = True) -> grain.MapDataset:
-    """A grain MapDataset of normalised latents of one split (shuffle, repeat and batch it)."""
-    source = LatentSource(directory, split, expected_config=expected_config, verify=verify)
-    if source.mean is None:
-        raise ConfigError(f"latent cache {directory} has no training statistics to normalise "
-                          "with (it was made without the train split)")
-    op = SampleLatent(source.mean, source.std, mode, flip)
-    return grain.MapDataset.source(source).random_map(op, seed=seed)

@@ -1,0 +1,1 @@
+"""The latent cache: its file format, reader, writer, the caching job and its benchmark."""

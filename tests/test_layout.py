@@ -1,0 +1,69 @@
+"""The package's shape: imports flow one way (no cycles, lazy and TYPE_CHECKING imports included),
+tasks never import the loop, and no module grows past about 400 lines."""
+
+import ast
+import pathlib
+
+import dgae_jax
+
+ROOT = pathlib.Path(dgae_jax.__file__).parent
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_imports() -> dict[str, set[str]]:
+    """Module -> the project modules it imports anywhere in its file."""
+    modules = {module_name(p): p for p in ROOT.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            deps |= {t for t in targets if t in modules and t != name}
+        graph[name] = deps - {"dgae_jax"}
+    return graph
+
+
+def test_no_import_cycles():
+    graph = project_imports()
+    state: dict[str, str] = {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for dep in sorted(graph[node]):
+            if state.get(dep) == "open":
+                cycle = stack[stack.index(dep):] + [dep]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+
+
+def test_layers():
+    graph = project_imports()
+    assert graph["dgae_jax.errors"] == set()
+    loop = {"dgae_jax.trainer", "dgae_jax.steps", "dgae_jax.modes", "dgae_jax.main"}
+    for name, deps in graph.items():
+        if name.startswith("dgae_jax.tasks."):
+            assert not deps & loop, f"{name} imports the loop: {deps & loop}"
+    for name in ("dgae_jax.cache.format", "dgae_jax.cache.reader"):  # read in grain workers
+        source = (ROOT / (name.split(".", 1)[1].replace(".", "/") + ".py")).read_text()
+        assert "import jax" not in source and "from jax" not in source, name
+
+
+def test_no_module_over_400_lines():
+    long = {str(p.relative_to(ROOT)): n for p in ROOT.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long

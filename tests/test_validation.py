@@ -1,0 +1,103 @@
+"""One validation pass per (config, mode) names the bad field in one line, before any work."""
+
+import os
+import time
+
+import pytest
+
+from dgae_jax import config_lib, main
+from dgae_jax.errors import ConfigError
+from dgae_jax.validation import validate
+
+AE, LDM = "autoencoder", "ldm"
+
+
+def configure(task: str, overrides: dict):
+    cfg = (config_lib.autoencoder_config(16, "demo") if task == AE
+           else config_lib.ldm_config("demo"))
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+CASES = [  # task, mode, overrides, the text the one-line error must contain
+    (AE, "train", {"total_steps": 0}, "total_steps=0 must be positive"),
+    (AE, "train", {"batch_size": 12}, "batch_size=12 (global) is not divisible by the 8 devices"),
+    (AE, "benchmark", {"mesh.data": 3}, "mesh.data x mesh.fsdp = 3 x 1 does not fit the 8"),
+    (AE, "train", {"mesh.fsdp": 0}, "mesh.fsdp=0 must be positive or -1"),
+    (AE, "train", {"ema_decay": 1.5}, "ema_decay=1.5 is not in [0, 1)"),
+    (AE, "train", {"optimizer.b2": 1.0}, "optimizer.b2=1.0 is not in [0, 1)"),
+    (AE, "train", {"optimizer.lr": -1.0}, "optimizer.lr=-1.0 must not be negative"),
+    (AE, "train", {"sharding.rules": (("[", "fsdp"),)}, "sharding.rules[0]: '[' is not a regex"),
+    (AE, "summary", {"image_size": 100}, "image_size=100 is not divisible by the spatial factor"),
+    (AE, "eval", {"model.decoder": "gan"}, "model.decoder='gan' is not one of"),
+    (AE, "train", {"model.dtype": "float64"}, "model.dtype='float64' is not one of"),
+    (AE, "eval", {"diffusion.sampler": "ddim"}, "diffusion.sampler='ddim' is not one of"),
+    (AE, "eval", {"diffusion.sample_steps": 0}, "diffusion.sample_steps=0 must be positive"),
+    (AE, "train", {"loss.lpips_net": "squeeze"}, "loss.lpips_net='squeeze' is not one of"),
+    (AE, "train", {"loss.kl_weight": -1.0}, "loss.kl_weight=-1.0 must not be negative"),
+    (AE, "train", {"data.name": "imagenet"}, "unknown data.name='imagenet'"),
+    (AE, "train", {"data.crop": "center"}, "data.crop='center' is not one of"),
+    (AE, "train", {"data.min_scale": 0.0}, "data.min_scale=0.0 is not in (0, 1]"),
+    (AE, "eval", {"data.eval_subset": "imagenet_val_1k"}, "data.eval_subset='imagenet_val_1k'"),
+    (AE, "cache_latents", {"data.name": "folder"}, "data.name='folder' needs data.dir"),
+    (AE, "train", {"data.name": "folder", "data.dir": "/nonexistent"},
+     "data.dir='/nonexistent' does not exist"),
+    (AE, "eval", {"eval.inception_weights": "/nonexistent.npz"},
+     "eval.inception_weights='/nonexistent.npz': no such file"),
+    (AE, "cache_latents", {"cache.dir": ""}, "cache.dir is required for --mode=cache_latents"),
+    (AE, "cache_latents", {"cache.dir": "/tmp/c", "cache.dtype": "int8"},
+     "cache.dtype='int8' is not one of"),
+    (AE, "cache_latents", {"cache.dir": "/tmp/c", "cache.splits": ("test",)},
+     "cache.splits=('test',) must be distinct names"),
+    (AE, "cache_latents", {"cache.dir": "/tmp/c", "cache.batch_size": 12},
+     "cache.batch_size=12 (global) is not divisible by the 8 devices"),
+    (AE, "sample", {}, "--mode=sample does not apply to task='autoencoder'"),
+    (LDM, "train", {"sample.classes": (0, 99)}, "sample.classes=[99] are outside [0, 19)"),
+    (LDM, "summary", {"model.heads": 5}, "model.hidden=128 does not split into model.heads=5"),
+    (LDM, "benchmark", {"model.patch_size": 3}, "model.patch_size=3 does not divide"),
+    (LDM, "sample", {"cache.dir": ""}, "cache.dir is required"),
+    (LDM, "train", {"cache.dir": "/nonexistent"}, "cache.dir='/nonexistent' does not exist"),
+    (LDM, "summary", {"cache.latent": "mode"}, "cache.latent='mode' is not one of"),
+    (LDM, "summary", {"diffusion.guidance": -1.0}, "diffusion.guidance=-1.0 must not be"),
+    (LDM, "cache_latents", {}, "--mode=cache_latents does not apply to task='ldm'"),
+]
+
+
+@pytest.mark.parametrize("task,mode,overrides,message", CASES,
+                         ids=[f"{c[0]}-{c[1]}-{'+'.join(c[2]) or 'mode'}" for c in CASES])
+def test_bad_field_is_one_line_naming_it(tmp_path, task, mode, overrides, message):
+    cfg = configure(task, overrides)
+    if task == LDM and "cache.dir" not in overrides:
+        cfg.cache.dir = str(tmp_path)
+    start = time.time()
+    with pytest.raises(ConfigError) as error:
+        validate(cfg, mode, workdir=str(tmp_path / "run"), device_count=8, process_count=1)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+    assert time.time() - start < 1.0
+
+
+def test_the_default_configs_pass(tmp_path):
+    for factor in (8, 16, 32):
+        for arg in ("", "decoder=conv", "c=8,size=M", "demo"):
+            validate(config_lib.autoencoder_config(factor, arg), "train",
+                     workdir=str(tmp_path), device_count=8)
+    ldm = config_lib.ldm_config("")
+    ldm.cache.dir = str(tmp_path)
+    validate(ldm, "sample", workdir=str(tmp_path), device_count=8)
+
+
+def test_missing_workdir_and_bad_fields_stop_before_any_file_work(tmp_path):
+    cfg = configure(AE, {})
+    with pytest.raises(ConfigError, match="--workdir is required for --mode=train"):
+        validate(cfg, "train", workdir=None)
+    workdir = tmp_path / "run"
+    cfg = configure(AE, {"data.crop": "center"})
+    with pytest.raises(ConfigError, match="data.crop"):
+        main.run(cfg, "train", str(workdir))
+    assert not os.path.exists(workdir)
