@@ -12,9 +12,10 @@ import time
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from dgae_jax import parallel
-from dgae_jax.steps import build_steps, hlo_flops
+from dgae_jax.steps import build_steps, compile_train_step, describe_compiled, hlo_flops
 
 
 def synthetic_batch(config: ml_collections.ConfigDict, task, mesh) -> dict:
@@ -34,17 +35,26 @@ def synthetic_batch(config: ml_collections.ConfigDict, task, mesh) -> dict:
     return parallel.global_batch({k: fill(v) for k, v in specs.items()}, mesh)
 
 
-def benchmark(config: ml_collections.ConfigDict, task, steps: int = 10) -> dict:
+def benchmark(config: ml_collections.ConfigDict, task) -> dict:
+    """`config.benchmark_steps` timed steps after one warm-up; 0 only compiles (the compile
+    time and the memory analysis of the step, e.g. for a model too slow to run here)."""
     mesh = parallel.make_mesh(config.mesh)
     fns = build_steps(config, task, mesh)
     model = jax.device_put(task.model, parallel.replicated(mesh))
     state = fns.init(model, jax.random.key(config.seed))
     batch = synthetic_batch(config, task, mesh)
-    lowered = fns.train_step.lower(model, state, batch)
-    flops = hlo_flops(lowered)
-    start = time.time()
-    compiled = lowered.compile()
-    compile_s = time.time() - start
+    flops = hlo_flops(fns.train_step.lower(model, state, batch))
+    compiled, compile_report = compile_train_step(fns, model, state, batch)
+    logging.info("%s", describe_compiled(compile_report))
+    record = {
+        "config": config.name, "devices": mesh.size, "device_kind": jax.devices()[0].device_kind,
+        "batch_size": config.batch_size, "dtype": config.model.dtype,
+        "compile_s": round(compile_report["compile_s"], 1), "train_step_flops": flops,
+        **{k: v for k, v in compile_report.items() if k.endswith("_bytes")},
+    }
+    steps = config.get("benchmark_steps", 10)
+    if not steps:
+        return record
     state, metrics = compiled(model, state, batch)  # warm-up
     jax.block_until_ready(metrics)
     start = time.time()
@@ -53,14 +63,11 @@ def benchmark(config: ml_collections.ConfigDict, task, steps: int = 10) -> dict:
     jax.block_until_ready(metrics)
     step_s = (time.time() - start) / steps
     stats = jax.local_devices()[0].memory_stats() or {}
-    record = {
-        "config": config.name, "devices": mesh.size, "device_kind": jax.devices()[0].device_kind,
-        "batch_size": config.batch_size, "dtype": config.model.dtype,
-        "compile_s": round(compile_s, 1), "step_time_ms": 1000 * step_s,
-        "examples_per_sec": config.batch_size / step_s,
+    record.update({
+        "step_time_ms": 1000 * step_s, "examples_per_sec": config.batch_size / step_s,
         "examples_per_sec_per_device": config.batch_size / step_s / mesh.size,
-        "train_step_flops": flops, "tflops_per_sec_per_device": flops / step_s / 1e12 / mesh.size,
+        "tflops_per_sec_per_device": flops / step_s / 1e12 / mesh.size,
         "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
         "loss": float(metrics["loss"]),
-    }
+    })
     return record

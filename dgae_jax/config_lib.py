@@ -82,11 +82,15 @@ def autoencoder_config(factor: int, arg: str | None = None) -> ml_collections.Co
     c.checkpoint_keep = 3  # the latest N ...
     c.checkpoint_keep_every = 50_000  # ... plus every K-th step
     c.ema_decay = 0.9999  # gap-fill: the paper does not state EMA
+    c.profile_steps = ()  # (start, end): a jax.profiler trace of those steps in <workdir>/profile
+    c.benchmark_steps = 10  # --mode=benchmark: timed steps; 0 = compile and memory analysis only
 
     # Paper section 4.1.
     c.optimizer = dict(lr=1e-4, end_lr=1e-5, warmup_steps=10_000, b1=0.9, b2=0.95, eps=1e-8,
                        weight_decay=0.1, clip_norm=1.0)
-    c.mesh = dict(data=-1, fsdp=1)  # -1: all remaining devices
+    # -1: all remaining devices; dcn_data: slices the data axis spans (multislice), fsdp stays
+    # inside a slice.
+    c.mesh = dict(data=-1, fsdp=1, dcn_data=1)
     c.sharding = dict(rules=((".*", "fsdp"),), min_fsdp_size=2**18)
     c.data = default_data_config()
     c.data.eval_subset = "imagenet_val_5k"  # rFID-5k: see docs/evaluation.md
@@ -209,10 +213,12 @@ def ldm_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_keep = 3
     c.checkpoint_keep_every = 100_000
     c.ema_decay = 0.9999
+    c.profile_steps = ()  # (start, end): a jax.profiler trace of those steps in <workdir>/profile
+    c.benchmark_steps = 10  # --mode=benchmark: timed steps; 0 = compile and memory analysis only
     # DiT: AdamW at a constant 1e-4, no weight decay, no warm-up, default betas, no clipping.
     c.optimizer = dict(lr=1e-4, end_lr=1e-4, warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
                        weight_decay=0.0, clip_norm=0.0)
-    c.mesh = dict(data=-1, fsdp=1)
+    c.mesh = dict(data=-1, fsdp=1, dcn_data=1)
     c.sharding = dict(rules=((".*", "fsdp"),), min_fsdp_size=2**18)
 
     # The latent cache (made by --mode=cache_latents) and how latents are drawn from it.

@@ -20,6 +20,7 @@ import jax
 import ml_collections
 from absl import logging
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from dgae_jax.errors import ConfigError
@@ -38,7 +39,13 @@ def initialize_distributed() -> None:
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
-    """`mesh_config.data` x `mesh_config.fsdp` devices; one of them may be -1 (fill the rest)."""
+    """`mesh_config.data` x `mesh_config.fsdp` devices; one of them may be -1 (fill the rest).
+
+    With `mesh_config.dcn_data` = S > 1 the mesh is hybrid: the data axis spans S slices (TPU
+    multislice, linked by the slower data-centre network) and every fsdp group, whose
+    all-gathers run every step, stays inside one slice. Devices without a `slice_index` (GPU
+    hosts) count each process as a slice.
+    """
     devices = list(devices if devices is not None else jax.devices())
     shape = [mesh_config.data, mesh_config.fsdp]
     if shape.count(-1) > 1:
@@ -51,7 +58,26 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.shard
     if math.prod(shape) != len(devices):
         raise ConfigError(f"mesh.data x mesh.fsdp = {shape[0]} x {shape[1]} does not match the "
                          f"{len(devices)} devices")
-    return jax.make_mesh(tuple(shape), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+    slices = int(mesh_config.get("dcn_data", 1))
+    if slices == 1:
+        return jax.make_mesh(tuple(shape), AXES, axis_types=(AxisType.Auto,) * 2,
+                             devices=devices)
+    return jax.sharding.Mesh(hybrid_device_grid(shape, slices, devices), AXES,
+                             axis_types=(AxisType.Auto,) * 2)
+
+
+def hybrid_device_grid(shape: list[int], slices: int, devices) -> np.ndarray:
+    """The (data, fsdp) array of devices whose data axis is `slices` blocks, one per slice."""
+    granule = "slice_index" if hasattr(devices[0], "slice_index") else "process_index"
+    found = len({getattr(d, granule) for d in devices})
+    if found != slices:
+        raise ConfigError(f"mesh.dcn_data={slices}, but the {len(devices)} devices are in "
+                          f"{found} slice(s) (by {granule})")
+    if shape[0] % slices:
+        raise ConfigError(f"mesh.data={shape[0]} is not divisible by mesh.dcn_data={slices}")
+    return mesh_utils.create_hybrid_device_mesh(
+        (shape[0] // slices, shape[1]), (slices, 1), devices,
+        process_is_granule=granule == "process_index")
 
 
 def path_name(path) -> str:

@@ -17,6 +17,7 @@ Train state (a plain dict, what Orbax saves):
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -94,3 +95,50 @@ def hlo_flops(lowered: jax.stages.Lowered) -> float:
     compiled module hides convolutions in cuDNN calls its own analysis does not count)."""
     cost = lowered.cost_analysis()
     return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+
+GIB = 2**30
+
+
+def compile_train_step(fns: StepFns, model, state: State, batch: dict):
+    """Lowers and compiles the train step for these arguments once, before the loop, and
+    reports its compile time and per-device memory (XLA's analysis of the compiled module). On
+    a backend that reports device memory (GPU, TPU), a step that cannot fit stops here with one
+    line, before any training; the CPU backend reports none and is not checked.
+    Returns (compiled step, report dict)."""
+    start = time.time()
+    compiled = fns.train_step.lower(model, state, batch).compile()
+    report = {"compile_s": time.time() - start}
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        report.update(argument_bytes=memory.argument_size_in_bytes,
+                      output_bytes=memory.output_size_in_bytes,
+                      alias_bytes=memory.alias_size_in_bytes,
+                      temp_bytes=memory.temp_size_in_bytes,
+                      code_bytes=memory.generated_code_size_in_bytes)
+        report["needed_bytes"] = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                                  - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+    stats = jax.local_devices()[0].memory_stats() or {}
+    report["device_bytes"] = stats.get("bytes_limit")
+    if report["device_bytes"] and report.get("needed_bytes", 0) > report["device_bytes"]:
+        raise ConfigError(
+            f"the train step needs {report['needed_bytes'] / GIB:.2f} GiB per device (arguments "
+            f"{report['argument_bytes'] / GIB:.2f}, temporaries {report['temp_bytes'] / GIB:.2f})"
+            f" but {jax.local_devices()[0].device_kind} has {report['device_bytes'] / GIB:.2f} "
+            "GiB: lower batch_size or raise mesh.fsdp")
+    return compiled, report
+
+
+def describe_compiled(report: dict) -> str:
+    """One log line of `compile_train_step`'s report."""
+    line = f"train step compiled in {report['compile_s']:.1f} s"
+    if "needed_bytes" in report:
+        line += (f"; per device: arguments {report['argument_bytes'] / GIB:.3f} GiB, outputs "
+                 f"{report['output_bytes'] / GIB:.3f} GiB (aliased "
+                 f"{report['alias_bytes'] / GIB:.3f}), temporaries "
+                 f"{report['temp_bytes'] / GIB:.3f} GiB, code "
+                 f"{report['code_bytes'] / 2**20:.1f} MiB; needed "
+                 f"{report['needed_bytes'] / GIB:.3f} GiB")
+    device = report["device_bytes"]
+    return line + (f" of {device / GIB:.2f} GiB" if device else
+                   " (the backend reports no device memory)")

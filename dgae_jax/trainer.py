@@ -14,18 +14,26 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from clu import parameter_overview, periodic_actions
 
 from dgae_jax import checkpoint, parallel
-from dgae_jax.steps import State, build_steps
+from dgae_jax.steps import State, build_steps, compile_train_step, describe_compiled
 from dgae_jax.tasks.base import Run, Task, make_writer
 
 
 # --------------------------------------------------------------------------------- the loop
 class _StopRequest:
-    """SIGTERM / Ctrl-C set a flag; the loop then checkpoints the current step and exits."""
+    """SIGTERM / Ctrl-C set a flag; the loop then checkpoints the current step and exits.
 
-    def __init__(self):
+    Every process must stop at the same step (saving is collective), but a signal reaches the
+    hosts of a job at different moments. With several processes the flags are therefore combined
+    (any process asking stops all) every `every` steps, where the loop already syncs with the
+    host for logging; a single process stops at the next step.
+    """
+
+    def __init__(self, every: int):
+        self.every = every
         self.requested = False
         self._previous = {}
 
@@ -39,9 +47,44 @@ class _StopRequest:
         self.requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C is final
 
+    def agreed(self, step: int) -> bool:
+        """Whether every process stops after `step` (the same answer on all of them)."""
+        if jax.process_count() == 1:
+            return self.requested
+        if step % self.every:
+            return False
+        flags = multihost_utils.process_allgather(np.int32(self.requested))
+        return bool(np.any(flags))
+
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class _Profile:
+    """A `jax.profiler` trace of steps [start, end) (`config.profile_steps`) in
+    `<workdir>/profile`, for TensorBoard's profile plugin. Every process traces its own host."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir):
+        window = tuple(config.get("profile_steps") or ())
+        self.start, self.end = window if window else (None, None)
+        self.directory, self.active = str(workdir / "profile"), False
+
+    def before(self, step: int) -> None:
+        if step == self.start:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def after(self, step: int) -> None:
+        if self.active and step >= self.end:
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            logging.info("wrote a profile of steps %d-%d to %s", self.start, self.end - 1,
+                         self.directory)
 
 
 def _mean_metrics(history: list[dict]) -> dict[str, float]:
@@ -72,14 +115,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
     n_devices = mesh.size
     report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
                                              every_steps=config.log_every)
-    history, last_log = [], (step, time.time())
-    with _StopRequest() as stop:
+    history, last_log, input_wait = [], (step, time.time()), 0.0
+    train_step, profile = None, _Profile(config, workdir)
+    with _StopRequest(config.log_every) as stop:
         while step < config.total_steps:
+            profile.before(step)
+            wait_start = time.time()
             batch = parallel.global_batch(next(data), mesh)
-            state, metrics = run_fns.train_step(model, state, batch)
+            input_wait += time.time() - wait_start
+            if train_step is None:  # compiled once, before the first step runs
+                train_step, compile_report = compile_train_step(run_fns, model, state, batch)
+                logging.info("%s", describe_compiled(compile_report))
+                last_log = (step, time.time())
+                input_wait = 0.0
+            state, metrics = train_step(model, state, batch)
             step += 1
             history.append(metrics)
             report(step)
+            profile.after(step)
             if step % config.log_every == 0 or step == config.total_steps:
                 scalars = _mean_metrics(history)
                 if not np.isfinite(scalars["loss"]):
@@ -87,20 +140,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
                 elapsed = time.time() - last_log[1]
                 rate = (step - last_log[0]) * config.batch_size / elapsed
                 scalars.update(images_per_sec=rate, images_per_sec_per_device=rate / n_devices,
-                               step_time_ms=1000 * elapsed / (step - last_log[0]))
+                               step_time_ms=1000 * elapsed / (step - last_log[0]),
+                               input_wait_fraction=input_wait / elapsed)
                 writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
-                history, last_log = [], (step, time.time())
+                history, last_log, input_wait = [], (step, time.time()), 0.0
             if step % config.eval_every == 0 or step == config.total_steps:
                 eval_start = time.time()
                 run.write_eval(step, evaluator.evaluate(state["ema"], step))
                 # Throughput counts training only.
                 last_log = (last_log[0], last_log[1] + time.time() - eval_start)
             saved = ckpt.save(step, state, data, force=step == config.total_steps)
-            if stop.requested or ckpt.reached_preemption(step):
+            if stop.agreed(step) or ckpt.reached_preemption(step):
                 if not saved:
                     ckpt.save(step, state, data, force=True)
                 logging.warning("stopped at step %d after saving a checkpoint", step)
                 break
+    profile.close()
     ckpt.close()
     writer.flush()
     return state

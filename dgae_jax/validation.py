@@ -75,6 +75,11 @@ def _training(config, device_count: int | None, process_count: int) -> None:
     _require(config.checkpoint_keep_every >= 0,
              f"checkpoint_keep_every={config.checkpoint_keep_every} must not be negative")
     _require(0 <= config.ema_decay < 1, f"ema_decay={config.ema_decay} is not in [0, 1)")
+    _require(config.get("benchmark_steps", 0) >= 0,
+             f"benchmark_steps={config.get('benchmark_steps')} must not be negative")
+    window = tuple(config.get("profile_steps") or ())
+    _require(not window or (len(window) == 2 and 0 <= window[0] < window[1]),
+             f"profile_steps={window} is not () or (start, end) with 0 <= start < end")
     o = config.optimizer
     for field in ("lr", "end_lr", "warmup_steps", "weight_decay", "clip_norm"):
         _require(o[field] >= 0, f"optimizer.{field}={o[field]} must not be negative")
@@ -102,6 +107,8 @@ def _mesh(config, device_count: int | None, process_count: int) -> None:
     for name, n in zip(("mesh.data", "mesh.fsdp"), shape):
         _require(n == -1 or n > 0, f"{name}={n} must be positive or -1 (the remaining devices)")
     _require(shape.count(-1) <= 1, "mesh: only one of mesh.data and mesh.fsdp may be -1")
+    slices = config.mesh.get("dcn_data", 1)
+    _require(slices > 0, f"mesh.dcn_data={slices} must be positive")
     _require(config.batch_size % process_count == 0,
              f"batch_size={config.batch_size} is not divisible by the {process_count} processes")
     if device_count is None:
@@ -113,6 +120,9 @@ def _mesh(config, device_count: int | None, process_count: int) -> None:
     _require(config.batch_size % device_count == 0,
              f"batch_size={config.batch_size} (global) is not divisible by the {device_count} "
              "devices")
+    data = shape[0] if shape[0] != -1 else device_count // shape[1]
+    _require(data % slices == 0,
+             f"mesh.data={data} is not divisible by mesh.dcn_data={slices} (slices)")
 
 
 def _autoencoder(config) -> None:

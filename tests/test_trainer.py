@@ -1,5 +1,7 @@
 """The shared trainer: sharded steps equal the single-device step; resume is exact."""
 
+import glob
+import logging
 import os
 import signal
 
@@ -165,14 +167,20 @@ def ldm_train_config():
 
 
 @pytest.mark.parametrize("kind", ["autoencoder", "ldm"])
-def test_exact_resume_after_sigterm(tiny_config, tmp_path, kind):
+def test_exact_resume_after_sigterm(tiny_config, tmp_path, kind, caplog):
     if kind == "autoencoder":
         cfg, task_cls = train_config(tiny_config), recording(AutoencoderTask)
     else:
         cfg, task_cls = ldm_train_config(), recording(SyntheticLatentTask)
     mesh = mesh_of(2, 4)
     straight = task_cls(cfg)
-    want = trainer.train_and_evaluate(cfg, str(tmp_path / "straight"), straight, mesh)
+    profiled = cfg.copy_and_resolve_references()
+    profiled.profile_steps = (4, 6)
+    with caplog.at_level(logging.INFO):
+        want = trainer.train_and_evaluate(profiled, str(tmp_path / "straight"), straight, mesh)
+    assert "train step compiled in" in caplog.text
+    assert glob.glob(str(tmp_path / "straight" / "profile" / "**" / "*.xplane.pb"),
+                     recursive=True)
 
     first = task_cls(cfg, signal_at=3)  # SIGTERM arrives while step 3 is prepared
     stopped = trainer.train_and_evaluate(cfg, str(tmp_path / "resumed"), first, mesh)
