@@ -163,6 +163,11 @@ class Autoencoder:
         """Total loss and every term separately. `step` gates the conv baseline's GAN.
 
         `rng` splits into three keys: the posterior sample, the diffusion time, the noise.
+
+        The reconstruction terms are means over pixels; SD-VAE (CompVis LPIPSWithDiscriminator)
+        sums them over the 3*H*W values of each image and adds `kl_weight` x the per-image KL
+        sum. Dividing SD-VAE's total by 3*H*W gives this loss, so `kl_weight` keeps SD-VAE's
+        meaning (1e-6) and its relative strength at every image size.
         """
         x = batch["image"].astype(jnp.float32)
         rng_z, rng_t, rng_eps = jax.random.split(rng, 3)
@@ -173,7 +178,7 @@ class Autoencoder:
             loss, metrics = self._diffusion_terms(params, x, z, rng_t, rng_eps)
         else:
             loss, metrics = self._conv_terms(params, x, z, step)
-        loss = loss + self.config.loss.kl_weight * kl
+        loss = loss + self.config.loss.kl_weight * kl / _values_per_image(x)
         return loss, {"loss": loss, "kl": kl, **metrics}
 
     def _diffusion_terms(self, params, x, z, rng_t, rng_eps):
@@ -223,14 +228,24 @@ class Autoencoder:
         x_fixed = jax.lax.stop_gradient(x_hat)
         g_rec = head_vjp(jax.grad(lambda i: reconstruction(i)[0])(x_fixed))[0]["kernel"][...]
         g_gan = head_vjp(jax.grad(generator)(x_fixed))[0]["kernel"][...]
-        adaptive = jnp.clip(jnp.linalg.norm(g_rec) / (jnp.linalg.norm(g_gan) + 1e-4), 0.0, 1e4)
+        # On SD-VAE's summed scale (its epsilon 1e-4 and clamp 1e4 act there): the summed
+        # reconstruction's gradient is 3*H*W times ours, and its weighted GAN term enters our
+        # per-pixel loss divided by 3*H*W.
+        n = _values_per_image(x)
+        adaptive = jnp.clip(n * jnp.linalg.norm(g_rec) / (jnp.linalg.norm(g_gan) + 1e-4), 0.0,
+                            1e4)
         adaptive = jax.lax.stop_gradient(adaptive) * w.gan_weight
         on = (jnp.asarray(step) >= w.gan_start).astype(jnp.float32)
         logits_real = disc(jax.lax.stop_gradient(x).astype(dtype))
         logits_fake = disc(x_fixed.astype(dtype))
         d_loss = 0.5 * (jnp.mean(jax.nn.relu(1.0 - logits_real))
                         + jnp.mean(jax.nn.relu(1.0 + logits_fake)))
-        loss = rec + on * (adaptive * g_loss + d_loss)
+        loss = rec + on * (adaptive * g_loss / n + d_loss)
         metrics.update(g_loss=g_loss, d_loss=d_loss, gan_weight=adaptive, gan_on=on,
                        logits_real=jnp.mean(logits_real), logits_fake=jnp.mean(logits_fake))
         return loss, metrics
+
+
+def _values_per_image(x: jax.Array) -> int:
+    """3 * H * W: what SD-VAE's summed reconstruction terms add up over, per image."""
+    return x.shape[1] * x.shape[2] * x.shape[3]

@@ -62,7 +62,9 @@ def test_diffusion_loss_by_hand(tiny_config, photos):
                                rtol=1e-5)
     np.testing.assert_allclose(m["kl"], kl, rtol=1e-4)
     np.testing.assert_allclose(m["lpips"], lp, rtol=1e-4)
-    np.testing.assert_allclose(loss, 2.0 * velocity_mse + 1e-3 * kl + 0.5 * lp, rtol=1e-5)
+    # The KL sum is weighed against reconstruction terms summed over the 3*H*W values (SD-VAE).
+    np.testing.assert_allclose(loss, 2.0 * velocity_mse + 1e-3 * kl / (3 * 32 * 32) + 0.5 * lp,
+                               rtol=1e-5)
 
 
 def overfit(ae, x, steps, lr):
@@ -117,6 +119,8 @@ def test_gan_adaptive_weight_and_gating(tiny_config, photos):
     cfg.loss.gan_start = 5
     ae = Autoencoder.from_config(cfg)
     params = ae.init(jax.random.key(0))
+    # A steeper discriminator keeps the weight below SD-VAE's clamp (1e4), so the ratio shows.
+    params["discriminator"]["conv_out"]["kernel"] *= 20.0
     x = jnp.asarray(photos(4, 32))
     rng = jax.random.key(1)
     z = jax.jit(ae.encode)(params, x).sample(jax.random.split(rng, 3)[0])
@@ -132,9 +136,11 @@ def test_gan_adaptive_weight_and_gating(tiny_config, photos):
     def gan(p):
         return -jnp.mean(ae._module(p, "discriminator")(decoded(p)))
 
+    n = 3 * 32 * 32
     g_rec = jax.jit(jax.grad(rec))(params)["decoder"]["conv_out"]["kernel"]
     g_gan = jax.jit(jax.grad(gan))(params)["decoder"]["conv_out"]["kernel"]
-    expected = 0.5 * np.linalg.norm(g_rec) / (np.linalg.norm(g_gan) + 1e-4)
+    expected = 0.5 * n * np.linalg.norm(g_rec) / (np.linalg.norm(g_gan) + 1e-4)
+    assert expected < 0.5 * 1e4
 
     (loss_on, m_on), grads = grad_fn(ae, params, {"image": x}, rng, 5)
     np.testing.assert_allclose(m_on["gan_weight"], expected, rtol=1e-4)
@@ -143,11 +149,27 @@ def test_gan_adaptive_weight_and_gating(tiny_config, photos):
     # Before gan_start neither the generator nor the discriminator feels the GAN.
     (loss_off, m_off), grads = grad_fn(ae, params, {"image": x}, rng, 4)
     assert m_off["gan_on"] == 0.0
-    rec_only = m_off["l1"] + m_off["lpips"] + cfg.loss.kl_weight * m_off["kl"]
+    rec_only = m_off["l1"] + m_off["lpips"] + cfg.loss.kl_weight * m_off["kl"] / n
     np.testing.assert_allclose(loss_off, rec_only, rtol=1e-6)
     assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["discriminator"]))
     np.testing.assert_allclose(
-        loss_on, rec_only + m_on["gan_weight"] * m_on["g_loss"] + m_on["d_loss"], rtol=1e-5)
+        loss_on, rec_only + m_on["gan_weight"] * m_on["g_loss"] / n + m_on["d_loss"], rtol=1e-5)
+
+    # CompVis LPIPSWithDiscriminator's generator loss, written as it is there: L1 + LPIPS summed
+    # over each image's values (batch mean), + kl_weight x KL sum, + the adaptive weight of the
+    # summed terms' gradients x the GAN loss. Ours is exactly it divided by 3*H*W.
+    def compvis_nll(p):
+        img = decoded(p)
+        per_value = jnp.abs(img - x) + lpips.lpips_distance(
+            ae.lpips_weights, img, x, net="alexnet")[:, None, None, None]
+        return jnp.sum(per_value) / x.shape[0]
+
+    g_nll = jax.jit(jax.grad(compvis_nll))(params)["decoder"]["conv_out"]["kernel"]
+    d_weight = 0.5 * np.clip(np.linalg.norm(g_nll) / (np.linalg.norm(g_gan) + 1e-4), 0, 1e4)
+    posterior = jax.jit(ae.encode)(params, x)
+    compvis = (compvis_nll(params) + cfg.loss.kl_weight * np.mean(posterior.kl())
+               + d_weight * gan(params))
+    np.testing.assert_allclose(loss_on - m_on["d_loss"], compvis / n, rtol=1e-4)
 
 
 def test_decode_is_deterministic_given_rng(tiny_config):
