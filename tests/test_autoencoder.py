@@ -87,6 +87,7 @@ def overfit(ae, x, steps, lr):
     return params, history
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoder,steps", [("diffusion", 150), ("conv", 80)])
 def test_overfits_one_batch(tiny_config, photos, decoder, steps):
     ae = Autoencoder.from_config(tiny_config(8, decoder))
@@ -112,6 +113,7 @@ def test_overfits_one_batch(tiny_config, photos, decoder, steps):
     assert after < 0.7 * zero_latent, (after, zero_latent)
 
 
+@pytest.mark.slow
 def test_gan_adaptive_weight_and_gating(tiny_config, photos):
     """The adaptive weight equals |d rec / dW| / |d gan / dW| at the decoder's last kernel,
     computed here by differentiating the whole loss w.r.t. the parameter tree instead."""

@@ -75,6 +75,7 @@ def test_features_match_the_torchscript(inception_weights):
     assert ref_pool.shape == (4, 2048) and ref_spatial.shape == (4, 2023)
 
 
+@pytest.mark.slow
 def test_fid_is_zero_for_identical_sets_and_grows_with_distortion(inception_weights):
     weights = inception.load_weights(inception_weights)
     embed = jax.jit(lambda x: inception.features(weights, x)["pool"])
@@ -104,6 +105,7 @@ def test_missing_or_mismatched_weights_are_clear_errors(tmp_path):
         inception.load_weights(tmp_path / "bad.npz")
 
 
+@pytest.mark.slow
 def test_fid_cli_on_folders_arrays_and_statistics(inception_weights, tmp_path):
     images = photo_crops(8, 48)
     for i, image in enumerate(images):

@@ -40,6 +40,7 @@ def mesh_of(data, fsdp):
     return parallel.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp)), devices)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoder,gan", [("diffusion", 0.0), ("conv", 0.5)])
 def test_sharded_step_equals_single_device(tiny_config, decoder, gan):
     cfg = train_config(tiny_config, decoder, gan)
@@ -166,7 +167,7 @@ def ldm_train_config():
     return cfg
 
 
-@pytest.mark.parametrize("kind", ["autoencoder", "ldm"])
+@pytest.mark.parametrize("kind", [pytest.param("autoencoder", marks=pytest.mark.slow), "ldm"])
 def test_exact_resume_after_sigterm(tiny_config, tmp_path, kind, caplog):
     if kind == "autoencoder":
         cfg, task_cls = train_config(tiny_config), recording(AutoencoderTask)
