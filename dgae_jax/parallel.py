@@ -14,6 +14,7 @@ tuple such as (None, None, None, "fsdp"). Models carry no mesh logic.
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import jax
@@ -29,13 +30,38 @@ AXES = ("data", "fsdp")
 BATCH_AXES = AXES  # the batch dimension is split over every device
 
 
-def initialize_distributed() -> None:
-    """Joins the multi-process job when a cluster is detected (TPU pod, SLURM, MPI, or the
-    JAX_COORDINATOR_ADDRESS variables); a single process continues alone."""
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
     try:
-        jax.distributed.initialize()
-    except ValueError as e:  # raised at once when no cluster environment is found
-        logging.info("single process (%s)", e)
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not an integer") from None
+
+
+def initialize_distributed() -> None:
+    """Joins the multi-process job when a cluster is detected (TPU pod, SLURM, MPI) or when
+    JAX_COORDINATOR_ADDRESS is set, with JAX_NUM_PROCESSES and JAX_PROCESS_ID (JAX reads the
+    address itself but not these two); otherwise a single process continues alone.
+
+    A process that names a coordinator but cannot join it stops: run alone, every process of
+    the job would be process 0 of 1 and write the same run directory as its only writer."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        count, index = _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID")
+        try:
+            jax.distributed.initialize(num_processes=count, process_id=index)
+        except ValueError as e:  # raised at once for missing or inconsistent settings
+            raise ConfigError(f"JAX_COORDINATOR_ADDRESS is set but the job cannot start ({e}): "
+                              "set JAX_NUM_PROCESSES and JAX_PROCESS_ID as well") from None
+    else:
+        try:
+            jax.distributed.initialize()
+        except ValueError as e:  # raised at once when no cluster environment is found
+            logging.info("single process (%s)", e)
+            return
+    logging.info("process %d of %d, %d of %d devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs `python -m dgae_jax.main ARGS` on this host, in ./.venv (created and installed once).
 # Start the same command on every host of a job (every TPU VM worker, every GPU node):
-# jax.distributed.initialize() then finds the others (TPU pods, SLURM, Open MPI, or the
-# JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables).
+# jax.distributed.initialize() then finds the others (TPU pods, SLURM, Open MPI), or
+# parallel.initialize_distributed passes it JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+# JAX_PROCESS_ID (JAX reads only the first; all three must be set).
 #   bash launch/run.sh --config=configs/f16.py --workdir=gs://BUCKET/runs/f16
 # JAX_EXTRA selects the accelerator build installed with JAX: tpu (default), cuda12, cuda13.
 # SETUP_ONLY=1 creates the venv and exits (launch/slurm.sbatch does that once before srun).
