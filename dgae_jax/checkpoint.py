@@ -5,8 +5,9 @@ step, RNG key data), `ema` (the EMA parameters: what evaluation, caching, sampli
 use, saved apart so that they restore without the optimiser), `data` (the grain iterator
 position of the batches actually consumed) and `config` (JSON). Saves are asynchronous; the
 latest N and every K-th step are kept. Restores go into an abstract target that carries the
-shardings wanted now, so a run can resume on another mesh. Errors propagate: a checkpoint that
-cannot be restored stops the run.
+shardings wanted now, so the state restores on another mesh; training resumes only with the
+process count that saved it (the data position is per process), which is checked first. Errors
+propagate: a checkpoint that cannot be restored stops the run.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
+
+from dgae_jax.errors import ConfigError
 
 
 def run_directory(workdir: str | os.PathLike) -> epath.Path:
@@ -68,6 +71,8 @@ class Checkpoints:
         """Restores `state` (into `abstract_state`'s shapes and shardings) and, if given, moves
         `data_iter` to the saved position. Returns (step, state)."""
         step = self._step(step)
+        if data_iter is not None:
+            self._check_process_count(step)
         train = {k: v for k, v in abstract_state.items() if k != "ema"}
         items = {"state": ocp.args.StandardRestore(train),
                  "ema": ocp.args.StandardRestore(abstract_state["ema"])}
@@ -82,6 +87,18 @@ class Checkpoints:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             ema=ocp.args.StandardRestore(abstract_params)))
         return step, restored["ema"]
+
+    def _check_process_count(self, step: int) -> None:
+        """The data item holds one iterator position per process (grain's
+        `process_<i>-of-<n>.json`): it resumes only with the same number of processes."""
+        names = [p.name for p in (self.directory / str(step) / "data").glob("process_*-of-*.json")]
+        saved = {int(n.rsplit("-of-", 1)[1].split(".")[0]) for n in names}
+        if saved and saved != {jax.process_count()}:
+            raise ConfigError(
+                f"checkpoint {step} in {self.directory} was saved by {max(saved)} processes and "
+                f"this run has {jax.process_count()}: the data position is kept per process and "
+                f"cannot carry over; resume with {max(saved)} processes (any mesh and device "
+                "count per process; evaluation, caching and sampling use any count)")
 
     def _step(self, step: int | None) -> int:
         step = self.latest_step if step is None else step

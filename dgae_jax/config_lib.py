@@ -96,7 +96,12 @@ def autoencoder_config(factor: int, arg: str | None = None) -> ml_collections.Co
     c.data.eval_subset = "imagenet_val_5k"  # rFID-5k: see docs/evaluation.md
     c.eval = dict(num_images=8, step=config_dict.placeholder(int),
                   rfid=True,  # FID of reconstructions vs inputs (needs converted weights)
-                  inception_weights="")  # "" = models/inception.default_weights_path()
+                  inception_weights="",  # "" = models/inception.default_weights_path()
+                  # --mode=sweep: every steps x sampler x spacing (choose on another split than
+                  # the one reported; README "Choosing the decode setting")
+                  sweep_steps=(1, 2, 4, 8, 16, 25, 50),
+                  sweep_samplers=("euler", "heun"),
+                  sweep_spacings=("uniform", "reversed_log"))
     # --mode=cache_latents (cache/job.py): encode splits once with the EMA encoder.
     c.cache = dict(
         dir="",  # output directory, local or bucket; required

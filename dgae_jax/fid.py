@@ -4,17 +4,25 @@ A and B are each one of
     DIR                 a folder of images (recursive; .jpg/.jpeg/.png/.webp)
     FILE.npz            uint8 images (N, H, W, 3) under the key 'arr_0' (ADM's sample files,
                         and `--mode=sample` output) or 'images'
-    FILE.npz            statistics written by --save_stats (keys mu, sigma, count, spatial_*)
+    FILE.npz            statistics: keys mu, sigma (+ mu_s, sigma_s for sFID, + count, count_s),
+                        as --save_stats writes them and as ADM's evaluator reads them; the older
+                        spatial_* keys also load
+    FILE.npz            statistics AND uint8 images under 'arr_0': an ADM reference batch such as
+                        VIRTUAL_imagenet256_labeled.npz (statistics of the whole dataset, 10,000
+                        images); its statistics give FID / sFID, its images only precision/recall
     tfds:NAME[:SPLIT]   a prepared TFDS dataset (split 'validation' by default)
 A is the reference. Images are embedded with the FID Inception (see models/inception.py), sharded
 over all devices, a batch at a time. Images of one set must share a size, unless --image_size=N
 is given: then each is resized (shorter side to N) and centre-cropped to NxN first, the eval
-view of the training pipeline. Two image sets also give precision/recall (k=3) of B against A.
+view of the training pipeline. When both inputs have images, precision/recall (k=3) of B against
+A are computed too (a statistics file's images are embedded for that and nothing else);
+--noprecision_recall skips them, and with them the embedding of a reference batch's images.
 The last line printed is one JSON object.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -38,6 +46,9 @@ _BATCH = flags.DEFINE_integer("batch_size", 64, "Global batch of images per Ince
 _IMAGE_SIZE = flags.DEFINE_integer(
     "image_size", 0, "If > 0, resize the shorter side to N and centre-crop NxN first.")
 _LIMIT = flags.DEFINE_integer("limit", 0, "Use only the first N images of each set (0: all).")
+_PRECISION_RECALL = flags.DEFINE_boolean(
+    "precision_recall", True, "Compute precision/recall when both inputs have images "
+    "(--noprecision_recall: FID / sFID only, no embedding of a statistics file's images).")
 _WEIGHTS = flags.DEFINE_string("inception_weights", None,
                                "Converted Inception .npz (default: models/inception.py).")
 
@@ -112,31 +123,46 @@ class Limited:
         return self.images.read(start, stop)
 
 
-def open_input(spec: str, image_size: int = 0):
-    """(kind, value): ('stats', {name: FeatureStats}) or ('images', an image set)."""
+@dataclasses.dataclass
+class Input:
+    """One side of the comparison: precomputed statistics, images, or both (an ADM reference
+    batch). With statistics, they give FID / sFID and the images serve precision/recall only."""
+
+    spec: str
+    stats: dict[str, frechet.FeatureStats] | None = None
+    images: object = None  # NpzImages / SourceImages / Limited, or None
+
+    @property
+    def kind(self) -> str:
+        return "stats" if self.stats is not None else "images"
+
+
+def open_input(spec: str, image_size: int = 0) -> Input:
+    """An input spec (see the module doc) opened: statistics loaded, image sets ready to read."""
     if spec.startswith("tfds:"):
         name, _, split = spec[len("tfds:"):].partition(":")
         if not image_size:
             raise ValueError(f"{spec}: TFDS images differ in size; pass --image_size=N")
-        return "images", SourceImages(sources.tfds_source(name, split or "validation"),
-                                      image_size, spec)
+        return Input(spec, images=SourceImages(sources.tfds_source(name, split or "validation"),
+                                               image_size, spec))
     if os.path.isdir(spec):
-        return "images", SourceImages(sources.ImageFolder(spec), image_size, spec)
+        return Input(spec, images=SourceImages(sources.ImageFolder(spec), image_size, spec))
     if not os.path.isfile(spec):
         raise FileNotFoundError(f"{spec}: no such folder or file")
     if not spec.endswith(".npz"):
         raise ValueError(f"{spec}: expected a folder, an .npz or tfds:NAME[:SPLIT]")
     with np.load(spec) as data:
         files = set(data.files)
-    if {"mu", "sigma"} <= files:
-        return "stats", frechet.load_stats(spec)
-    key = next((k for k in NpzImages.KEYS if k in files), None)
-    if key is None:
+    stats = frechet.load_stats(spec) if {"mu", "sigma"} <= files else None
+    # A statistics file's images: ADM's reference batches keep them under 'arr_0' only.
+    keys = ("arr_0",) if stats is not None else NpzImages.KEYS
+    key = next((k for k in keys if k in files), None)
+    if stats is None and key is None:
         raise ValueError(f"{spec}: neither statistics (mu, sigma) nor images "
                          f"({' or '.join(NpzImages.KEYS)}); it holds {sorted(files)}")
-    if image_size:
+    if image_size and stats is None:  # (a reference batch's images are used as they are)
         raise ValueError(f"{spec}: --image_size applies to folders and TFDS, not to .npz arrays")
-    return "images", NpzImages(spec, key)
+    return Input(spec, stats, NpzImages(spec, key) if key is not None else None)
 
 
 # ----------------------------------------------------------------------------- embedding
@@ -181,41 +207,55 @@ def embed(images, extractor: InceptionFeatures, batch_size: int) -> FeatureColle
     return collector
 
 
-def describe(kind: str, value) -> dict:
-    if kind == "stats":
-        return {"count": value["pool"].count}
-    return {"count": len(value), "image_shape": list(value.image_shape)}
+def describe(item: Input, embedded: bool) -> dict:
+    """The input's record in the result. `count`: images embedded for its statistics, or the
+    count stored in its statistics file (null when the file has none, as in ADM's)."""
+    out = {"input": item.spec}
+    if item.stats is not None:
+        out["count"] = item.stats["pool"].count
+        out["statistics"] = sorted(item.stats)
+        if embedded:  # its images, embedded for precision/recall only
+            out["pr_images"] = len(item.images)
+    else:
+        out["count"] = len(item.images)
+    if embedded:
+        out["image_shape"] = list(item.images.image_shape)
+    return out
 
 
 def evaluate(spec_a: str, spec_b: str | None = None, *, save_stats: str | None = None,
              batch_size: int = 64, image_size: int = 0, limit: int = 0,
-             weights: str | None = None) -> dict:
-    """The CLI's work, importable: statistics of A (saved if asked) and, given B, the scores."""
+             weights: str | None = None, precision_recall: bool = True) -> dict:
+    """The CLI's work, importable: statistics of A (saved if asked) and, given B, the scores.
+
+    Precision/recall are computed when `precision_recall` and both inputs have images; only
+    then are a statistics file's images embedded. `limit` applies to images, not to statistics.
+    """
     inputs = [open_input(s, image_size) for s in (spec_a, spec_b) if s is not None]
-    if limit:
-        inputs = [(k, Limited(v, limit) if k == "images" else v) for k, v in inputs]
-    if save_stats and inputs[0][0] != "images":
-        raise ValueError(f"--save_stats needs images for A, but {spec_a} is a statistics file")
+    if save_stats and inputs[0].stats is not None:
+        raise ValueError(f"--save_stats needs an image set for A, but {spec_a} holds statistics")
+    pr = precision_recall and len(inputs) == 2 and all(i.images is not None for i in inputs)
+    for item in inputs:
+        if item.images is not None and limit:
+            item.images = Limited(item.images, limit)
+    # Embed an input's images when they give its statistics, or when precision/recall needs them.
+    embedded = [item.stats is None or pr for item in inputs]
     extractor = None
-    if any(kind == "images" for kind, _ in inputs):
+    if any(embedded):
         mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
         extractor = InceptionFeatures(mesh, inception.load_weights(weights))
     stats, pools = [], []
-    for kind, value in inputs:
-        if kind == "stats":
-            stats.append(value)
-            pools.append(None)
-        else:
-            collected = embed(value, extractor, batch_size)
-            stats.append(collected.stats())
-            pools.append(collected.array("pool"))
-    result = {"a": {"input": spec_a, **describe(*inputs[0])}}
+    for item, embed_it in zip(inputs, embedded):
+        collected = embed(item.images, extractor, batch_size) if embed_it else None
+        stats.append(item.stats if item.stats is not None else collected.stats())
+        pools.append(collected.array("pool") if collected is not None and pr else None)
+    result = {"a": describe(inputs[0], embedded[0])}
     if save_stats:
         if jax.process_index() == 0:
             frechet.save_stats(save_stats, stats[0])
         result["saved_stats"] = os.path.abspath(save_stats)
     if spec_b is not None:
-        result["b"] = {"input": spec_b, **describe(*inputs[1])}
+        result["b"] = describe(inputs[1], embedded[1])
         result.update(frechet.compare(stats[0], stats[1], pools[0], pools[1]))
     return result
 
@@ -229,7 +269,8 @@ def main(argv) -> None:
     print(json.dumps(evaluate(argv[1], argv[2] if len(argv) == 3 else None,
                               save_stats=_SAVE_STATS.value, batch_size=_BATCH.value,
                               image_size=_IMAGE_SIZE.value, limit=_LIMIT.value,
-                              weights=_WEIGHTS.value)))
+                              weights=_WEIGHTS.value,
+                              precision_recall=_PRECISION_RECALL.value)))
 
 
 if __name__ == "__main__":

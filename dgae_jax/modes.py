@@ -6,6 +6,7 @@
     cache_latents  (autoencoder) encode the data once into cache.dir
     summary        parameter table, latent shape and train-step FLOPs, without allocating
     benchmark      time the train step on synthetic batches
+    sweep          (autoencoder, diffusion decoder) eval's metrics at every decode setting of a grid
 Every mode but train returns a JSON-able record, which the CLI prints as its last line.
 """
 
@@ -15,7 +16,8 @@ import jax
 import ml_collections
 
 from dgae_jax import benchmark as benchmark_lib
-from dgae_jax import checkpoint, inference, parallel, summary as summary_lib, trainer
+from dgae_jax import checkpoint, inference, parallel, summary as summary_lib, sweep as sweep_lib
+from dgae_jax import trainer
 from dgae_jax.cache import benchmark as cache_benchmark, job as cache_job
 from dgae_jax.tasks.base import Run, Task, make_writer
 
@@ -51,6 +53,24 @@ def sample(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
     return record
 
 
+def sweep(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
+    """The evaluation of a saved run's EMA autoencoder (latest, or eval.step) at every setting of
+    eval.sweep_steps x eval.sweep_samplers x eval.sweep_spacings: PSNR, SSIM, LPIPS, rFID (with
+    eval.rfid), network evaluations (NFE) and seconds per image of each, in
+    <workdir>/eval/sweep-<step>.json and plotted against NFE in sweep-<step>.png.
+
+    Choose the setting on a split other than the one you report, so the choice does not fit the
+    reported images: sweep on a different validation subset or a held-out part of the training
+    data (`--config.data.eval_split=... --config.data.eval_subset=...`), then report with
+    `--mode=eval --config.diffusion.sample_steps=N --config.diffusion.sampler=S
+    --config.diffusion.spacing=T` on the reported split.
+    """
+    run, step, ema = _restored_run(config, workdir, task, config.eval.step, "eval.step")
+    record = sweep_lib.sweep(run, task.evaluator(run), ema, step)
+    run.writer.flush()
+    return record
+
+
 def cache_latents(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
     """The cache in `cache.dir`, or with `cache.benchmark`, the caching throughput."""
     if config.cache.benchmark:
@@ -67,4 +87,4 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str | None, task: Task
 
 
 MODES = {"train": train, "eval": evaluate, "sample": sample, "cache_latents": cache_latents,
-         "summary": summary, "benchmark": benchmark}
+         "summary": summary, "benchmark": benchmark, "sweep": sweep}

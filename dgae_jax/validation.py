@@ -21,7 +21,7 @@ from dgae_jax.models.unet import ADM_CHANNEL_MULT
 from dgae_jax.tasks import registry
 
 # Modes that read a trained run's checkpoints from --workdir, or write into it.
-WORKDIR_MODES = ("train", "eval", "cache_latents", "sample")
+WORKDIR_MODES = ("train", "eval", "cache_latents", "sample", "sweep")
 DTYPES = ("float32", "bfloat16", "float16")
 CACHE_DTYPES = tuple(format.DTYPES)
 CACHE_ROLES = ("train", "eval")
@@ -61,8 +61,11 @@ def validate(config: ml_collections.ConfigDict, mode: str, *, workdir: str | Non
     if config.task == "autoencoder":
         _autoencoder(config)
         _data(config)
-        if mode in ("train", "eval") and config.eval.rfid and config.eval.inception_weights:
+        if (mode in ("train", "eval", "sweep") and config.eval.rfid
+                and config.eval.inception_weights):
             _file(config.eval.inception_weights, "eval.inception_weights")
+        if mode == "sweep":
+            _sweep(config)
         if mode == "cache_latents":
             _cache_job(config, device_count)
     else:
@@ -152,6 +155,22 @@ def _autoencoder(config) -> None:
              f"eval.num_images={config.eval.num_images} must not be negative")
     _require(config.eval.step is None or config.eval.step >= 0,
              f"eval.step={config.eval.step} must not be negative")
+
+
+def _sweep(config) -> None:
+    _require(config.model.decoder == "diffusion",
+             f"--mode=sweep needs model.decoder='diffusion', not {config.model.decoder!r}: the "
+             "conv decoder (SD-VAE baseline) has no decode steps, sampler or spacing to sweep")
+    e = config.eval
+    steps = tuple(e.sweep_steps)
+    _require(bool(steps) and all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                                 for n in steps) and len(set(steps)) == len(steps),
+             f"eval.sweep_steps={steps!r} must be distinct positive integers, at least one")
+    for field, allowed in (("sweep_samplers", diffusion.SAMPLERS),
+                           ("sweep_spacings", diffusion.SPACINGS)):
+        values = tuple(e[field])
+        _require(bool(values) and set(values) <= set(allowed) and len(set(values)) == len(values),
+                 f"eval.{field}={values!r} must be distinct names from {allowed}, at least one")
 
 
 def _diffusion(config) -> None:

@@ -53,7 +53,8 @@ def test_demo_trains_evaluates_and_resumes(tmp_path, inception_weights):
     (["--config.image_size=100"], "image_size=100 is not divisible by the spatial factor 16"),
     (["--config.data.name=imagenet", "--config.eval.rfid=False"],
      "unknown data.name='imagenet'"),
-    (["--config.eval.inception_weights=/nonexistent.npz"], "FID Inception weights not found"),
+    (["--config.eval.inception_weights=/nonexistent.npz"],
+     "eval.inception_weights='/nonexistent.npz': no such file"),
 ])
 def test_bad_config_is_one_line(tmp_path, overrides, message):
     out = main("--config=configs/f16.py:demo", f"--workdir={tmp_path}", *overrides, check=False)

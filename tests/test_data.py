@@ -173,11 +173,6 @@ def test_square_box_is_shorter_side_resize_then_crop():
     assert pipeline.square_box(40, 60, 20, offset=(0.0, 1.0)) == (20.0, 0.0, 60.0, 40.0)
 
 
-def test_unknown_crop_is_an_error():
-    with pytest.raises(ValueError, match="data.crop"):
-        pipeline.train_dataset(make_config(crop="center"))
-
-
 # --------------------------------------------------------------------------- checkpointing
 
 @pytest.mark.parametrize("prefetch", [0, 2])

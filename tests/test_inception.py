@@ -132,6 +132,37 @@ def test_fid_cli_on_folders_arrays_and_statistics(inception_weights, tmp_path):
         fid_cli.open_input(str(tmp_path / "other.npz"))
 
 
+@pytest.mark.slow
+def test_fid_cli_reference_batch_statistics_and_precision_recall(inception_weights, tmp_path):
+    """An ADM-style reference batch (statistics without a count, plus arr_0 images): its
+    statistics give FID / sFID, its images are embedded for precision/recall only."""
+    images = photo_crops(8, 32)
+    noisy = np.clip(images + np.random.default_rng(5).normal(0, 40, images.shape), 0, 255)
+    np.savez(tmp_path / "ref_images.npz", images)
+    np.savez(tmp_path / "noisy.npz", noisy.astype(np.uint8))
+    direct = fid_cli.evaluate(str(tmp_path / "ref_images.npz"), str(tmp_path / "noisy.npz"),
+                              save_stats=str(tmp_path / "stats.npz"), batch_size=8,
+                              weights=inception_weights)
+    with np.load(tmp_path / "stats.npz") as data:
+        assert set(data.files) == {"mu", "sigma", "mu_s", "sigma_s", "count", "count_s"}
+        adm = {k: data[k] for k in ("mu", "sigma", "mu_s", "sigma_s")}  # ADM stores no count
+    np.savez(tmp_path / "VIRTUAL.npz", **adm, arr_0=images)
+    out = subprocess.run(
+        [sys.executable, "-m", "dgae_jax.fid", str(tmp_path / "VIRTUAL.npz"),
+         str(tmp_path / "noisy.npz"), f"--inception_weights={inception_weights}",
+         "--batch_size=8"], capture_output=True, text=True, check=True, timeout=600)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["a"]["count"] is None and result["a"]["pr_images"] == 8
+    assert result["b"]["count"] == 8
+    for key in ("fid", "sfid"):
+        assert result[key] == pytest.approx(direct[key], rel=1e-5) and result[key] > 1.0
+    assert (result["precision"], result["recall"]) == (direct["precision"], direct["recall"])
+    skipped = fid_cli.evaluate(str(tmp_path / "VIRTUAL.npz"), str(tmp_path / "noisy.npz"),
+                               batch_size=8, weights=inception_weights, precision_recall=False)
+    assert "precision" not in skipped and "pr_images" not in skipped["a"]
+    assert skipped["fid"] == pytest.approx(direct["fid"], rel=1e-5)
+
+
 def test_imagenet_5k_list_follows_its_documented_rule():
     ids = np.sort(np.random.default_rng(20250611).choice(50_000, 5_000, replace=False)) + 1
     assert sources.subset_names("imagenet_val_5k") == [f"ILSVRC2012_val_{i:08d}.JPEG"

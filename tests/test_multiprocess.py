@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from dgae_jax import parallel
-from dgae_jax.config_lib import ConfigError
+from dgae_jax.errors import ConfigError
 
 import multiprocess
 
@@ -77,13 +77,21 @@ def checkpoint_dirs(workdir) -> list[str]:
     return sorted(os.listdir(directory))
 
 
-def saved_state(workdir, step: int) -> dict:
-    """A checkpoint's train state as host numpy arrays."""
-    path = Path(workdir) / "checkpoints" / str(step) / "state"
+def saved_item(workdir, step: int, item: str):
+    """One item of a checkpoint as host numpy arrays."""
+    path = Path(workdir) / "checkpoints" / str(step) / item
     checkpointer = ocp.PyTreeCheckpointer()
     tree = checkpointer.metadata(path).item_metadata.tree
     args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+def saved_state(workdir, step: int) -> dict:
+    """A checkpoint's whole train state as host numpy arrays: its `state` item (params,
+    optimiser, step, RNG) with the `ema` item (saved apart) under "ema"."""
+    state = saved_item(workdir, step, "state")
+    assert "ema" not in state, sorted(state)
+    return dict(state, ema=saved_item(workdir, step, "ema"))
 
 
 @pytest.mark.slow

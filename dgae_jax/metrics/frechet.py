@@ -1,8 +1,11 @@
 """Frechet distance between feature statistics, and k-NN precision / recall.
 
 Statistics are the mean, covariance and count of a set's features; they are computed once (in
-float64) and saved as `.npz` (`save_stats`: keys `mu`, `sigma`, `count`, plus `spatial_*` for
-sFID), so a reference set such as the ImageNet training split is processed only once.
+float64) and saved as `.npz` (`save_stats`), so a reference set such as the ImageNet training
+split is processed only once. The file layout is ADM's (guided-diffusion's
+`evaluations/evaluator.py`, whose `read_statistics` reads `mu`, `sigma`, `mu_s`, `sigma_s`) plus
+our counts, so ADM's reference batches (e.g. `VIRTUAL_imagenet256_labeled.npz`) load here and our
+statistics load there.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import numpy as np
 class FeatureStats:
     mu: np.ndarray  # (d,)
     sigma: np.ndarray  # (d, d)
-    count: int
+    # How many feature vectors the statistics summarise; None when unknown (ADM's reference
+    # batches store no count). Nothing may substitute a guess: check for None before using it.
+    count: int | None
 
     @classmethod
     def from_features(cls, features: np.ndarray) -> "FeatureStats":
@@ -30,33 +35,56 @@ class FeatureStats:
         return cls(f.mean(axis=0), np.cov(f, rowvar=False), len(f))
 
 
-def _prefix(name: str) -> str:
-    return "" if name == "pool" else f"{name}_"
+# Keys of each statistics kind: (mu, sigma, count) as written, then older spellings still read.
+# ADM's evaluator reads exactly `mu`, `sigma`, `mu_s`, `sigma_s`; the counts are ours.
+_KEYS = {"pool": [("mu", "sigma", "count")],
+         "spatial": [("mu_s", "sigma_s", "count_s"),
+                     ("spatial_mu", "spatial_sigma", "spatial_count")]}  # before ADM's names
 
 
 def save_stats(path: str | os.PathLike, stats: dict[str, FeatureStats]) -> None:
-    """One `.npz` for a set's statistics: `mu`, `sigma`, `count` of the pool features and, when
-    given, `spatial_mu`, `spatial_sigma`, `spatial_count` of the sFID features."""
+    """One `.npz` of a set's statistics, in ADM's layout: `mu`, `sigma` (pool) and, when given,
+    `mu_s`, `sigma_s` (spatial), each float64; plus our `count` / `count_s` when known (a
+    statistic of unknown count, e.g. loaded from an ADM file, is saved without one).
+
+    ADM's `read_statistics` needs the spatial pair whenever `mu` is present, so statistics meant
+    for its evaluator must include 'spatial' (those of `FeatureCollector.stats()` do).
+    """
+    unknown = set(stats) - set(_KEYS)
+    if unknown or "pool" not in stats:
+        raise ValueError(f"statistics must be 'pool' (+ 'spatial'), got {sorted(stats)}")
     arrays = {}
     for name, s in stats.items():
-        p = _prefix(name)
-        arrays.update({f"{p}mu": s.mu, f"{p}sigma": s.sigma, f"{p}count": s.count})
+        mu, sigma, count = _KEYS[name][0]
+        arrays.update({mu: np.asarray(s.mu, np.float64), sigma: np.asarray(s.sigma, np.float64)})
+        if s.count is not None:
+            arrays[count] = np.int64(s.count)
     np.savez(path, **arrays)
 
 
 def load_stats(path: str | os.PathLike) -> dict[str, FeatureStats]:
-    """The statistics in a file written by `save_stats` ('pool' always, 'spatial' if saved)."""
+    """'pool' (always) and 'spatial' (if present) statistics of an `.npz`: one written by
+    `save_stats`, an older one with `spatial_*` keys, or an ADM reference batch (`mu`, `sigma`,
+    `mu_s`, `sigma_s`, no count: count None). Other keys (ADM's `arr_0` images) are ignored."""
+    name_of = getattr(path, "name", path)
     with np.load(path) as data:
-        missing = {"mu", "sigma", "count"} - set(data.files)
+        files = set(data.files)
+        missing = {"mu", "sigma"} - files
         if missing:
-            raise ValueError(f"{path} is not a statistics file: missing {sorted(missing)}")
+            raise ValueError(f"{name_of} is not a statistics file: missing {sorted(missing)}")
         out = {}
-        for name in ("pool", "spatial"):
-            p = _prefix(name)
-            if f"{p}mu" in data.files:
-                out[name] = FeatureStats(data[f"{p}mu"].astype(np.float64),
-                                         data[f"{p}sigma"].astype(np.float64),
-                                         int(data[f"{p}count"]))
+        for name, spellings in _KEYS.items():
+            for mu, sigma, count in spellings:
+                if mu not in files and sigma not in files:
+                    continue
+                if mu not in files or sigma not in files:
+                    raise ValueError(f"{name_of}: {mu!r} and {sigma!r} must come together")
+                m, s = data[mu].astype(np.float64), data[sigma].astype(np.float64)
+                if m.ndim != 1 or s.shape != (len(m), len(m)):
+                    raise ValueError(f"{name_of}: {mu!r} {m.shape} and {sigma!r} {s.shape} are "
+                                     "not a (d,) mean and (d, d) covariance")
+                out[name] = FeatureStats(m, s, int(data[count]) if count in files else None)
+                break
         return out
 
 

@@ -5,12 +5,14 @@ traffic than float32). Evaluation reconstructs a fixed evaluation set with the E
 the configured decode steps and sampler and reports PSNR, SSIM (on uint8-rounded images, the
 usual convention), LPIPS when the LPIPS term is enabled, and rFID (FID of the reconstructions
 against the inputs, FID Inception features) when `eval.rfid` is on; it also writes an input |
-reconstruction grid to TensorBoard and `<workdir>/images/<step>.png`.
+reconstruction grid to TensorBoard and `<workdir>/images/<step>.png`. `--mode=sweep`
+(`sweep.py`) calls the same evaluation with decode settings other than the config's.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +55,7 @@ def masked_sums(mesh, values: dict[str, jax.Array], mask: jax.Array) -> dict[str
 
 
 class AutoencoderTask:
-    modes = ("train", "eval", "summary", "benchmark", "cache_latents")
+    modes = ("train", "eval", "summary", "benchmark", "cache_latents", "sweep")
 
     def __init__(self, config: ml_collections.ConfigDict, mode: str = "train"):
         """Loads what `mode` needs: LPIPS (a loss term and an evaluation metric) for all but
@@ -62,7 +64,7 @@ class AutoencoderTask:
         self.model = Autoencoder.from_config(config, with_lpips=mode != "cache_latents")
         # Loaded now so that missing weights stop the run at start, not at the first eval.
         self.inception_weights = (inception.load_weights(config.eval.inception_weights or None)
-                                  if config.eval.rfid and mode in ("train", "eval") else None)
+                                  if config.eval.rfid and mode in ("train", "eval", "sweep") else None)
 
     @staticmethod
     def init_params(model: Autoencoder, rng: jax.Array):
@@ -94,38 +96,73 @@ class AutoencoderTask:
         return AutoencoderEvaluator(self.config, run, self.inception_weights)
 
 
-def decode_settings(config: ml_collections.ConfigDict) -> dict:
-    """How reconstructions were decoded, recorded next to the metrics."""
+def decode_settings(config: ml_collections.ConfigDict, steps: int | None = None,
+                    sampler: str | None = None, spacing: str | None = None) -> dict:
+    """How reconstructions are decoded: the config's diffusion fields, each replaced by its
+    argument when given; recorded next to the metrics. The conv baseline takes none."""
     if config.model.decoder != "diffusion":
+        if (steps, sampler, spacing) != (None, None, None):
+            raise ValueError("the conv decoder (model.decoder='conv') has no decode settings")
         return {"decode_steps": 1}
     d = config.diffusion
-    return {"decode_steps": d.sample_steps, "sampler": d.sampler, "spacing": d.spacing}
+    return {"decode_steps": d.sample_steps if steps is None else steps,
+            "sampler": sampler or d.sampler, "spacing": spacing or d.spacing}
 
 
 class AutoencoderEvaluator:
     """PSNR / SSIM / LPIPS / rFID of EMA reconstructions over the whole evaluation set; built once
-    per run (the jitted reconstruction step and the Inception network on the run's mesh)."""
+    per run (the jitted reconstruction step and the Inception network on the run's mesh).
+
+    The reconstruction step is one `jax.jit` with the decode settings (steps, sampler, spacing)
+    as static arguments, made here once: it compiles once per setting (the first batch of an
+    evaluation at a new setting), and later evaluations at a setting already seen reuse it.
+    """
 
     def __init__(self, config: ml_collections.ConfigDict, run: Run, inception_weights):
         self.config, self.run = config, run
         self.inception = (None if inception_weights is None
                           else InceptionFeatures(run.mesh, inception_weights))
-        self._step = jax.jit(functools.partial(_eval_step, run.mesh))
+        self._step = jax.jit(functools.partial(_eval_step, run.mesh),
+                             static_argnames=("steps", "sampler", "spacing"))
 
-    def evaluate(self, params, step: int) -> dict[str, float]:
+    def evaluate(self, params, step: int, *, steps: int | None = None, sampler: str | None = None,
+                 spacing: str | None = None, grid: bool = True,
+                 timed: bool = False) -> dict[str, float]:
+        """The metrics of `params`' reconstructions of the evaluation set.
+
+        `steps`, `sampler`, `spacing` replace the config's diffusion fields (DGAE only). `grid`:
+        write the input | reconstruction grid. `timed`: also `seconds_per_image`, the wall time
+        of the jitted reconstruction step (decode plus PSNR / SSIM / LPIPS, waited for batch by
+        batch) per image slot of every batch but the first, which compiles and is left out; data
+        loading and rFID's Inception features are not counted; None when there is only one
+        batch. Every process computes and returns the same metrics (its own timing).
+        """
         run, config = self.run, self.config
+        settings = decode_settings(config, steps, sampler, spacing)
+        decode = ({} if config.model.decoder != "diffusion" else
+                  {"steps": settings["decode_steps"], "sampler": settings["sampler"],
+                   "spacing": settings["spacing"]})
         totals, shown = None, []
+        seconds, timed_batches = 0.0, 0
         features = {"real": FeatureCollector(), "recon": FeatureCollector()}
         data = pipeline.eval_dataset(config, jax.process_index(), jax.process_count())
         for i, local in enumerate(data):
             batch = parallel.global_batch(local, run.mesh)
             rng = jax.random.fold_in(jax.random.key(config.seed), i)
-            recon, sums = self._step(run.model, params, batch, rng)
+            start = time.perf_counter()
+            recon, sums = self._step(run.model, params, batch, rng, **decode)
+            if timed:
+                jax.block_until_ready((recon, sums))
+                if i > 0:
+                    seconds += time.perf_counter() - start
+                    timed_batches += 1
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
             if self.inception is not None:
                 for name, images in (("real", batch["image"]), ("recon", recon)):
                     features[name].add(self.inception(images), batch["mask"])
-            if len(shown) * config.batch_size < config.eval.num_images:
+            if timed:
+                jax.block_until_ready(totals)  # the next batch's timing starts on an idle device
+            if grid and len(shown) * config.batch_size < config.eval.num_images:
                 shown.append((batch["image"], recon, batch["mask"]))
         totals = jax.device_get(totals)
         count = totals.pop("count")
@@ -134,8 +171,12 @@ class AutoencoderEvaluator:
             results["rfid"] = frechet.compare(features["real"].stats(),
                                               features["recon"].stats())["fid"]
         results["num_images"] = int(count)
-        results.update(decode_settings(config))
-        self._write_grid(step, shown)
+        results.update(settings)
+        if timed:
+            results["seconds_per_image"] = (seconds / (timed_batches * config.batch_size)
+                                            if timed_batches else None)
+        if grid:
+            self._write_grid(step, shown)
         return results
 
     def _write_grid(self, step: int, shown: list) -> None:
@@ -152,10 +193,13 @@ class AutoencoderEvaluator:
             grids.save_png(grid, self.run.workdir / "images" / f"{step}.png")
 
 
-def _eval_step(mesh, model: Autoencoder, params, batch: dict, rng: jax.Array):
-    """Reconstructs a batch; returns it (uint8) with the masked sums of its metrics."""
+def _eval_step(mesh, model: Autoencoder, params, batch: dict, rng: jax.Array,
+               steps: int | None = None, sampler: str | None = None, spacing: str | None = None):
+    """Reconstructs a batch; returns it (uint8) with the masked sums of its metrics. The decode
+    settings are static under jit (None: the config's; the conv decoder ignores them)."""
     x = to_signed(batch["image"])
-    x_hat = jnp.clip(model.reconstruct(params, x, rng), -1.0, 1.0)
+    x_hat = jnp.clip(model.reconstruct(params, x, rng, steps=steps, sampler=sampler,
+                                       spacing=spacing), -1.0, 1.0)
     real, fake = image_metrics.to_uint8_range(x), image_metrics.to_uint8_range(x_hat)
     values = {"psnr": image_metrics.psnr(real, fake), "ssim": image_metrics.ssim(real, fake)}
     if model.lpips_weights is not None:
