@@ -199,7 +199,7 @@ def test_sharded_streaming_embeds_every_image_once_in_order(inception_weights, t
     weights = inception.load_weights(inception_weights)
     mesh = jax.make_mesh((8, 1), ("data", "fsdp"),
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    collected = fid_cli.embed(fid_cli.open_input(str(tmp_path / "five.npz"))[1],
+    collected = fid_cli.embed(fid_cli.open_input(str(tmp_path / "five.npz")).images,
                               InceptionFeatures(mesh, weights), batch_size=8)
     direct = jax.jit(inception.features)(weights, images)
     assert len(collected) == 5

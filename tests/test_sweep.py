@@ -3,6 +3,8 @@ and the plot; and NFE counted against the samplers themselves."""
 
 import io
 import json
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -45,62 +47,84 @@ def synthetic_state(abstract):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A checkpoint (step 3) of a tiny DGAE and its sweep over (1, 2) steps x both samplers x
-    both spacings, made in-process on the 8 CPU devices."""
+def saved(tmp_path_factory):
+    """A checkpoint (step 3) of a tiny DGAE, saved once for the module."""
     cfg = sweep_config()
     task = AutoencoderTask(cfg, "sweep")
     state = synthetic_state(build_steps(cfg, task, parallel.make_mesh(cfg.mesh)).abstract_state)
-    workdir = str(tmp_path_factory.mktemp("sweep") / "run")
-    ckpt = checkpoint.Checkpoints(workdir, cfg)
+    workdir = tmp_path_factory.mktemp("sweep") / "run"
+    ckpt = checkpoint.Checkpoints(str(workdir), cfg)
     ckpt.save(STEP, state, iter(task.train_data(0, 1)), force=True)
     ckpt.close()
-    record = modes.MODES["sweep"](cfg, workdir, task)
-    return cfg, workdir, record
+    return workdir
 
 
-def test_every_setting_once_with_its_nfe(run):
-    cfg, workdir, record = run
-    rows = record["rows"]
-    assert record["step"] == STEP and len(rows) == 8
-    assert {(r["steps"], r["sampler"], r["spacing"]) for r in rows} == {
-        (n, s, t) for n in (1, 2) for s in diffusion.SAMPLERS for t in diffusion.SPACINGS}
-    for r in rows:
-        assert r["nfe"] == r["steps"] * (2 if r["sampler"] == "heun" else 1)
-        assert r["num_images"] == 16 and 0 < r["psnr"] < 60 and -1 <= r["ssim"] <= 1
-        assert r["lpips"] > 0 and "rfid" not in r  # eval.rfid is off in the tiny config
-        assert r["seconds_per_image"] > 0  # the second batch, the first one compiled
-    # The settings really differ: one step of Euler is not two of Heun.
-    assert len({round(r["psnr"], 6) for r in rows}) > 1
+def run_sweep(saved, tmp_path, **grid):
+    """--mode=sweep in-process on a copy of the saved run, over `grid` (eval.sweep_* fields)."""
+    workdir = tmp_path / "run"
+    shutil.copytree(saved, workdir)
+    cfg = sweep_config()
+    cfg.eval.update(grid)
+    record = modes.MODES["sweep"](cfg, str(workdir), AutoencoderTask(cfg, "sweep"))
+    return str(workdir), record
 
 
-def test_rows_equal_mode_eval_at_their_setting(run):
-    cfg, workdir, record = run
-    row = next(r for r in record["rows"]
-               if (r["steps"], r["sampler"], r["spacing"]) == (2, "heun", "reversed_log"))
-    eval_cfg = sweep_config()
-    eval_cfg.diffusion.update(sample_steps=2, sampler="heun", spacing="reversed_log")
-    results = modes.evaluate(eval_cfg, workdir, AutoencoderTask(eval_cfg, "eval"))
+def eval_at(workdir, steps, sampler, spacing):
+    """--mode=eval in-process with the config's decode fields set to one setting."""
+    cfg = sweep_config()
+    cfg.diffusion.update(sample_steps=steps, sampler=sampler, spacing=spacing)
+    results = modes.evaluate(cfg, workdir, AutoencoderTask(cfg, "eval"))
     assert results["step"] == STEP
     assert (results["decode_steps"], results["sampler"], results["spacing"]) == (
-        2, "heun", "reversed_log")
+        steps, sampler, spacing)
+    return results
+
+
+def assert_same_metrics(row, results):
     for key in ("psnr", "ssim", "lpips"):
         assert results[key] == pytest.approx(row[key], rel=1e-5, abs=1e-6), key
+    assert results["num_images"] == row["num_images"]
 
 
-def test_files_json_and_plot(run):
-    cfg, workdir, record = run
+def test_one_setting_equals_mode_eval_and_writes_json_and_plot(saved, tmp_path):
+    workdir, record = run_sweep(saved, tmp_path, sweep_steps=(2,), sweep_samplers=("heun",),
+                                sweep_spacings=("reversed_log",))
+    # The sweep leaves --mode=eval's reconstruction grid alone.
+    assert not os.path.exists(f"{workdir}/images/{STEP}.png")
+    [row] = record["rows"]
+    assert (row["steps"], row["sampler"], row["spacing"], row["nfe"]) == (2, "heun",
+                                                                          "reversed_log", 4)
+    assert row["num_images"] == 16 and 0 < row["psnr"] < 60 and -1 <= row["ssim"] <= 1
+    assert row["lpips"] > 0 and "rfid" not in row  # eval.rfid is off in the tiny config
+    assert row["seconds_per_image"] > 0  # the second batch; the first one compiled
     assert record["json"] == f"{workdir}/eval/sweep-{STEP}.json"
     assert record["png"] == f"{workdir}/eval/sweep-{STEP}.png"
-    saved = json.load(open(record["json"]))
-    assert saved["rows"] == record["rows"] and saved["step"] == STEP
-    assert "first" in saved["timing"]  # says the compiling batch is left out
+    saved_record = json.load(open(record["json"]))
+    assert saved_record["rows"] == record["rows"] and saved_record["step"] == STEP
+    assert "first" in saved_record["timing"]  # says that the compiling batch is left out
     with Image.open(record["png"]) as image:
         image.verify()
     with Image.open(record["png"]) as image:
         assert image.format == "PNG" and image.size[0] > 400 and image.size[1] > 200
-    # The sweep leaves --mode=eval's reconstruction grid alone.
-    assert not (checkpoint.run_directory(workdir) / "images" / f"{STEP}.png").exists()
+    assert_same_metrics(row, eval_at(workdir, 2, "heun", "reversed_log"))
+
+
+@pytest.mark.slow
+def test_every_setting_once_with_its_nfe(saved, tmp_path):
+    workdir, record = run_sweep(saved, tmp_path)  # (1, 2) x both samplers x both spacings
+    rows = record["rows"]
+    assert record["step"] == STEP and len(rows) == 8
+    assert [(r["steps"], r["sampler"], r["spacing"]) for r in rows] == [
+        (n, s, t) for s in diffusion.SAMPLERS for t in diffusion.SPACINGS for n in (1, 2)]
+    for r in rows:
+        assert r["nfe"] == r["steps"] * (2 if r["sampler"] == "heun" else 1)
+        assert r["num_images"] == 16 and 0 < r["psnr"] < 60 and -1 <= r["ssim"] <= 1
+        assert r["lpips"] > 0 and r["seconds_per_image"] > 0
+    assert len({round(r["psnr"], 6) for r in rows}) == 8  # each setting decodes differently
+    assert json.load(open(record["json"]))["rows"] == rows
+    with Image.open(record["png"]) as image:
+        image.verify()
+    assert_same_metrics(rows[0], eval_at(workdir, 1, "euler", "uniform"))
 
 
 def test_plot_has_an_rfid_panel_when_rows_have_rfid():
