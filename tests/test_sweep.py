@@ -8,12 +8,12 @@ import shutil
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
-from conftest import make_tiny_config
+from conftest import make_tiny_config, synthetic_state
 from PIL import Image
 
-from dgae_jax import checkpoint, diffusion, modes, parallel, sweep
+from dgae_jax import checkpoint, config_lib, diffusion, modes, parallel, sweep, validation
+from dgae_jax.errors import ConfigError
 from dgae_jax.steps import build_steps
 from dgae_jax.tasks.ae import AutoencoderTask
 
@@ -27,23 +27,6 @@ def sweep_config():
     cfg.data.eval_size = 16  # two batches: the second one is timed
     cfg.eval.sweep_steps = (1, 2)
     return cfg
-
-
-def synthetic_state(abstract):
-    """Random weights made in numpy (compiling the real init takes longer than the sweep)."""
-    rng = np.random.default_rng(0)
-
-    def leaf(path, a):
-        if not jnp.issubdtype(a.dtype, jnp.floating):
-            return np.zeros(a.shape, a.dtype)
-        if parallel.path_name(path).endswith("scale"):
-            return np.ones(a.shape, a.dtype)
-        fan_in = int(np.prod(a.shape[:-1])) or 1
-        return (rng.standard_normal(a.shape) / np.sqrt(fan_in)).astype(a.dtype)
-
-    state = jax.tree_util.tree_map_with_path(leaf, abstract)
-    state["ema"] = jax.tree.map(lambda p: 0.9 * p + 0.02, state["params"])
-    return state
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +103,14 @@ def test_every_setting_once_with_its_nfe(saved, tmp_path):
         assert r["nfe"] == r["steps"] * (2 if r["sampler"] == "heun" else 1)
         assert r["num_images"] == 16 and 0 < r["psnr"] < 60 and -1 <= r["ssim"] <= 1
         assert r["lpips"] > 0 and r["seconds_per_image"] > 0
-    assert len({round(r["psnr"], 6) for r in rows}) == 8  # each setting decodes differently
+    psnr = {(r["steps"], r["sampler"], r["spacing"]): r["psnr"] for r in rows}
+    for sampler in diffusion.SAMPLERS:  # one step spans [1, 0] whatever the spacing
+        assert psnr[1, sampler, "uniform"] == pytest.approx(psnr[1, sampler, "reversed_log"],
+                                                           rel=1e-5)
+        assert psnr[2, sampler, "uniform"] != psnr[2, sampler, "reversed_log"]
+    for steps, spacing in [(1, "uniform"), (2, "uniform"), (2, "reversed_log")]:
+        assert psnr[steps, "euler", spacing] != psnr[steps, "heun", spacing]
+    assert psnr[1, "euler", "uniform"] != psnr[2, "euler", "uniform"]
     assert json.load(open(record["json"]))["rows"] == rows
     with Image.open(record["png"]) as image:
         image.verify()
@@ -149,3 +139,13 @@ def test_nfe_counts_the_samplers_network_calls(sampler, steps):
     jax.block_until_ready(diffusion.sample(velocity, jnp.ones((1, 2, 2, 3)), steps, sampler))
     jax.effects_barrier()
     assert len(calls) == sweep.nfe(steps, sampler)
+
+
+def test_the_default_diffusion_configs_pass_validation_for_sweep(tmp_path):
+    for factor in (8, 16, 32):
+        for arg in ("", "c=8,size=M", "demo"):
+            cfg = config_lib.autoencoder_config(factor, arg)
+            assert cfg.eval.sweep_steps == (1, 2, 4, 8, 16, 25, 50)
+            validation.validate(cfg, "sweep", workdir=str(tmp_path), device_count=8)
+    with pytest.raises(ConfigError, match="--workdir is required for --mode=sweep"):
+        validation.validate(config_lib.autoencoder_config(16, "demo"), "sweep", workdir=None)

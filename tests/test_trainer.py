@@ -63,13 +63,13 @@ def test_sharded_ldm_step_equals_single_device():
 
 
 def assert_sharded_steps_match(cfg, task, local):
-    """Two train steps on meshes (8, 1) and (2, 4) update the parameters as on one device."""
+    """Two train steps on mesh (2, 4) update the parameters as on one device."""
     assert jax.device_count() == 8, "conftest must provide 8 CPU devices"
     # A large step and an Adam epsilon far above float32 noise in the gradients: the parameter
     # updates then reflect the gradients (Adam would turn noise in ~0 gradients into +-lr).
     cfg.optimizer.update(lr=1e-2, eps=1e-3)
     results = {}
-    for data, fsdp in [(1, 1), (8, 1), (2, 4)]:
+    for data, fsdp in [(1, 1), (2, 4)]:  # (2, 4) splits the batch over both axes
         mesh = mesh_of(data, fsdp)
         fns = steps.build_steps(cfg, task, mesh)
         model = jax.device_put(task.model, parallel.replicated(mesh))

@@ -68,6 +68,12 @@ CASES = [  # task, mode, overrides, the text the one-line error must contain
     (LDM, "summary", {"cache.latent": "mode"}, "cache.latent='mode' is not one of"),
     (LDM, "summary", {"diffusion.guidance": -1.0}, "diffusion.guidance=-1.0 must not be"),
     (LDM, "cache_latents", {}, "--mode=cache_latents does not apply to task='ldm'"),
+    (AE, "sweep", {"model.decoder": "conv"}, "--mode=sweep needs model.decoder='diffusion'"),
+    (AE, "sweep", {"eval.sweep_steps": (1, 0)}, "eval.sweep_steps=(1, 0) must be distinct"),
+    (AE, "sweep", {"eval.sweep_steps": ()}, "eval.sweep_steps=() must be distinct positive"),
+    (AE, "sweep", {"eval.sweep_samplers": ("ddim",)}, "eval.sweep_samplers=('ddim',) must be"),
+    (AE, "sweep", {"eval.sweep_spacings": ()}, "eval.sweep_spacings=() must be distinct names"),
+    (LDM, "sweep", {}, "--mode=sweep does not apply to task='ldm'"),
 ]
 
 

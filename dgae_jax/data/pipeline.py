@@ -161,7 +161,9 @@ def eval_dataset(config, process_index: int = 0, process_count: int = 1,
     The example list is padded to a multiple of the global batch, so every process runs the
     same number of batches (collectives stay in step) and each process gets whole batches; the
     padded entries have mask False, id -1 and a black image, and metrics must weight by `mask`.
-    Process p takes examples p, p+P, ..., so every real example is used exactly once.
+    Process p takes the p-th of the P equal slices of every global batch, so every real example
+    is used exactly once and the global batches (process slices in process order, as the mesh
+    lays them out) are those of one process: per-row noise and the image grid do not depend on P.
     For data.name='embedded' the eval split is FixedCrops: 8 fixed crops of each of the 4
     held-out photos (32 images), see sources.FixedCrops.
     """
@@ -172,7 +174,8 @@ def eval_dataset(config, process_index: int = 0, process_count: int = 1,
     else:
         count = len(source)
     total = -(-count // config.batch_size) * config.batch_size
-    ds = grain.MapDataset.range(total)[process_index::process_count]
+    ids = np.arange(total).reshape(-1, process_count, batch)[:, process_index].ravel()
+    ds = grain.MapDataset.source(ids.tolist())
     ds = ds.map(functools.partial(eval_example, source=source, count=count,
                                   size=config.image_size))
     return _to_iter(ds.batch(batch, drop_remainder=True), config.data)

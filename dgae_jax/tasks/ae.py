@@ -63,8 +63,9 @@ class AutoencoderTask:
         self.config = config
         self.model = Autoencoder.from_config(config, with_lpips=mode != "cache_latents")
         # Loaded now so that missing weights stop the run at start, not at the first eval.
+        evaluates = config.eval.rfid and mode in ("train", "eval", "sweep")
         self.inception_weights = (inception.load_weights(config.eval.inception_weights or None)
-                                  if config.eval.rfid and mode in ("train", "eval", "sweep") else None)
+                                  if evaluates else None)
 
     @staticmethod
     def init_params(model: Autoencoder, rng: jax.Array):
