@@ -180,13 +180,13 @@ def test_slurm_sbatch_starts_run_sh_per_node(tmp_path):
     env.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(checkout),
                SLURM_GPUS_PER_NODE="h100:8", SLURM_CPUS_PER_TASK="32", SLURM_JOB_ID="42")
     result = subprocess.run(["bash", str(checkout / "launch" / "slurm.sbatch"),
-                             "--config=configs/f16.py", "--workdir=/shared/runs/f16", CLASSES],
+                             "--config=configs/f16.py", "--workdir=/nfs/runs/f16", CLASSES],
                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     out = result.stdout.splitlines()
     assert "srun --ntasks-per-node=1" in out and "srun --cpus-per-task=32" in out
     assert [line[4:] for line in out if line.startswith("arg=")][2:] == [
-        "--config=configs/f16.py", "--workdir=/shared/runs/f16", CLASSES]
+        "--config=configs/f16.py", "--workdir=/nfs/runs/f16", CLASSES]
     assert "JAX_EXTRA=cuda12" in out
     assert "DEVICES=0,1,2,3,4,5,6,7" in out
     sbatch = (LAUNCH / "slurm.sbatch").read_text()
