@@ -102,13 +102,14 @@ GIB = 2**30
 
 def compile_train_step(fns: StepFns, model, state: State, batch: dict):
     """Lowers and compiles the train step for these arguments once, before the loop, and
-    reports its compile time and per-device memory (XLA's analysis of the compiled module). On
+    reports its compile time, FLOPs and per-device memory (XLA's analysis of the module). On
     a backend that reports device memory (GPU, TPU), a step that cannot fit stops here with one
     line, before any training; the CPU backend reports none and is not checked.
     Returns (compiled step, report dict)."""
     start = time.time()
-    compiled = fns.train_step.lower(model, state, batch).compile()
-    report = {"compile_s": time.time() - start}
+    lowered = fns.train_step.lower(model, state, batch)
+    compiled = lowered.compile()
+    report = {"compile_s": time.time() - start, "flops": hlo_flops(lowered)}
     memory = compiled.memory_analysis()
     if memory is not None:
         report.update(argument_bytes=memory.argument_size_in_bytes,
