@@ -25,7 +25,7 @@ DEFAULT_CHANNELS = {8: 4, 16: 16, 32: 64}
 UNET_WIDTH = {"B": 128, "M": 192, "L": 256}
 
 VARIANTS = ("c", "size", "decoder", "res", "demo")
-LDM_VARIANTS = ("c", "size", "patch", "demo")
+LDM_VARIANTS = ("c", "size", "patch", "objective", "demo")
 # DiT paper Table 4: hidden size, depth, heads of DiT-S / B / L / XL.
 DIT_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
 
@@ -240,13 +240,22 @@ def ldm_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.label_dropout = 0.1  # classifier-free guidance training
     c.model.dtype = "bfloat16"
 
+    # 'ddpm': DiT's recipe, which the paper's Table 3 follows through epsilon-VAE (linear betas
+    # 1e-4..0.02 over 1000 steps, epsilon + learned variance, L_simple + L_vlb, 250 respaced
+    # ancestral steps). 'rf' (variant objective=rf): rectified flow, logit-normal t, Heun-50.
     c.diffusion = ml_collections.ConfigDict()
-    c.diffusion.time_sampling = "logit_normal"  # gap-fill, as the autoencoder; or 'uniform'
-    c.diffusion.time_loc = 0.0
-    c.diffusion.time_scale = 1.0
-    c.diffusion.sample_steps = 50
-    c.diffusion.sampler = "heun"
-    c.diffusion.spacing = "uniform"
+    objective = v.get("objective", "ddpm")
+    if objective not in ("ddpm", "rf"):
+        raise ConfigError(f"objective={objective!r} is not one of ddpm, rf")
+    c.diffusion.objective = objective
+    c.diffusion.num_timesteps = 1000  # ddpm only
+    c.diffusion.beta_start, c.diffusion.beta_end = 1e-4, 0.02  # ddpm only (scaled by 1000/T)
+    c.diffusion.time_sampling = "logit_normal"  # rf only; or 'uniform'
+    c.diffusion.time_loc = 0.0  # rf only
+    c.diffusion.time_scale = 1.0  # rf only
+    c.diffusion.sample_steps = 250 if objective == "ddpm" else 50
+    c.diffusion.sampler = "ddpm" if objective == "ddpm" else "heun"  # ddpm | euler, heun
+    c.diffusion.spacing = "uniform"  # ddpm: ADM's even respacing; rf: or 'reversed_log'
     c.diffusion.guidance = 1.0  # paper: no CFG
 
     # --mode=sample, and the evaluation during training.
@@ -276,7 +285,8 @@ def _shrink_ldm_to_demo(c: ml_collections.ConfigDict) -> None:
     # are the classes that occur in the cache.
     c.model.update(size="demo", hidden=128, depth=4, heads=4, latent_size=4, num_classes=19,
                    dtype="float32")
-    c.diffusion.sample_steps = 20
+    if c.diffusion.objective == "rf":
+        c.diffusion.sample_steps = 20
     c.sample.num = 15
     c.sample.classes = (0, 1, 3, 4, 5, 7, 8, 9, 10, 12, 13, 14, 15, 16, 18)
     c.eval.update(num_images=15, fid_samples=64)

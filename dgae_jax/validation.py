@@ -12,10 +12,11 @@ import re
 
 import ml_collections
 
-from dgae_jax import diffusion
+from dgae_jax import ddpm, diffusion
 from dgae_jax.cache import format
 from dgae_jax.data import pipeline, sources
 from dgae_jax.errors import ConfigError
+from dgae_jax.ldm import OBJECTIVES
 from dgae_jax.metrics import lpips
 from dgae_jax.models.unet import ADM_CHANNEL_MULT
 from dgae_jax.tasks import registry
@@ -182,6 +183,24 @@ def _diffusion(config) -> None:
     _require(d.time_scale > 0, f"diffusion.time_scale={d.time_scale} must be positive")
 
 
+def _ldm_diffusion(config) -> None:
+    d = config.diffusion
+    _one_of(d.objective, OBJECTIVES, "diffusion.objective")
+    if d.objective == "rf":
+        _diffusion(config)
+        return
+    _one_of(d.sampler, ddpm.SAMPLERS, "diffusion.sampler")
+    _one_of(d.spacing, ddpm.SPACINGS, "diffusion.spacing")
+    _require(d.num_timesteps >= 2, f"diffusion.num_timesteps={d.num_timesteps} must be >= 2")
+    scale = 1000 / d.num_timesteps
+    _require(0 < d.beta_start < d.beta_end and d.beta_end * scale < 1,
+             f"diffusion.beta_start={d.beta_start}, beta_end={d.beta_end} must satisfy 0 < start "
+             f"< end < {d.num_timesteps / 1000} (num_timesteps / 1000)")
+    _require(2 <= d.sample_steps <= d.num_timesteps,
+             f"diffusion.sample_steps={d.sample_steps} is not in [2, diffusion.num_timesteps="
+             f"{d.num_timesteps}]")
+
+
 def _data(config) -> None:
     d = config.data
     name = d.name
@@ -231,7 +250,7 @@ def _ldm(config, mode: str) -> None:
              f"model.patch_size={m.patch_size} does not divide model.latent_size={m.latent_size}")
     _require(0 <= m.label_dropout < 1, f"model.label_dropout={m.label_dropout} is not in [0, 1)")
     _one_of(m.dtype, DTYPES, "model.dtype")
-    _diffusion(config)
+    _ldm_diffusion(config)
     _require(config.diffusion.guidance >= 0,
              f"diffusion.guidance={config.diffusion.guidance} must not be negative")
     _one_of(config.cache.latent, LATENT_MODES, "cache.latent")

@@ -50,7 +50,7 @@ FAST_COMPILE = {"XLA_FLAGS": "--xla_backend_optimization_level=0 "
 TINY_DIT = ["--config=configs/ldm_f16.py:demo", "--config.model.latent_size=4",
             "--config.model.latent_channels=4", "--config.model.hidden=32",
             "--config.model.depth=1", "--config.model.heads=2", "--config.batch_size=8",
-            "--config.diffusion.sample_steps=1", "--config.eval.num_images=6",
+            "--config.diffusion.sample_steps=2", "--config.eval.num_images=6",
             "--config.eval.fid_samples=0", "--config.log_every=1", "--config.eval_every=1000",
             "--config.checkpoint_every=1"]
 STEPS = 2  # of the module's autoencoder and DiT

@@ -68,6 +68,14 @@ CASES = [  # task, mode, overrides, the text the one-line error must contain
     (LDM, "summary", {"cache.latent": "mode"}, "cache.latent='mode' is not one of"),
     (LDM, "summary", {"diffusion.guidance": -1.0}, "diffusion.guidance=-1.0 must not be"),
     (LDM, "cache_latents", {}, "--mode=cache_latents does not apply to task='ldm'"),
+    (LDM, "train", {"diffusion.objective": "edm"}, "diffusion.objective='edm' is not one of"),
+    (LDM, "sample", {"diffusion.sampler": "heun"}, "diffusion.sampler='heun' is not one of"),
+    (LDM, "sample", {"diffusion.spacing": "reversed_log"}, "diffusion.spacing='reversed_log'"),
+    (LDM, "train", {"diffusion.beta_end": 2.0}, "diffusion.beta_start=0.0001, beta_end=2.0"),
+    (LDM, "eval", {"diffusion.sample_steps": 1001}, "diffusion.sample_steps=1001 is not in [2"),
+    (LDM, "sample", {"diffusion.sample_steps": 1}, "diffusion.sample_steps=1 is not in [2, "),
+    (LDM, "sample", {"diffusion.objective": "rf", "diffusion.sampler": "ddpm"},
+     "diffusion.sampler='ddpm' is not one of euler, heun"),
     (AE, "sweep", {"model.decoder": "conv"}, "--mode=sweep needs model.decoder='diffusion'"),
     (AE, "sweep", {"eval.sweep_steps": (1, 0)}, "eval.sweep_steps=(1, 0) must be distinct"),
     (AE, "sweep", {"eval.sweep_steps": ()}, "eval.sweep_steps=() must be distinct positive"),
@@ -96,9 +104,10 @@ def test_the_default_configs_pass(tmp_path):
         for arg in ("", "decoder=conv", "c=8,size=M", "demo"):
             validate(config_lib.autoencoder_config(factor, arg), "train",
                      workdir=str(tmp_path), device_count=8)
-    ldm = config_lib.ldm_config("")
-    ldm.cache.dir = str(tmp_path)
-    validate(ldm, "sample", workdir=str(tmp_path), device_count=8)
+    for arg in ("", "objective=rf", "c=8,objective=rf,demo"):
+        ldm = config_lib.ldm_config(arg)
+        ldm.cache.dir = str(tmp_path)
+        validate(ldm, "sample", workdir=str(tmp_path), device_count=8)
 
 
 def test_missing_workdir_and_bad_fields_stop_before_any_file_work(tmp_path):

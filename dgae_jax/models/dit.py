@@ -4,9 +4,10 @@ Patchify (a p x p stride-p conv) plus fixed 2-D sin-cos positions; the timestep 
 an MLP) and class embeddings are summed into a conditioning vector c; each block is adaLN-Zero:
 c regresses shift, scale and a gate for attention and for the MLP, the gates starting at zero so
 every block starts as the identity; the final layer (adaLN, then a zero-initialised linear)
-unpatchifies to the latent's channels. Attention runs through `jax.nn.dot_product_attention`, so
-backends with fused attention kernels use them. Class index `num_classes` is the "null" class
-that classifier-free guidance conditions on.
+unpatchifies to the latent's channels, or twice as many for DiT's DDPM head with a learned
+variance. Attention runs through `jax.nn.dot_product_attention`, so backends with fused attention
+kernels use them. Class index `num_classes` is the "null" class that classifier-free guidance
+conditions on.
 """
 
 from __future__ import annotations
@@ -74,17 +75,19 @@ class DiTBlock(nnx.Module):
 
 
 class DiT(nnx.Module):
-    """(B, H, W, C) noisy latents, times t in [0, 1], int labels -> (B, H, W, C) velocity."""
+    """(B, H, W, C) noisy latents, times t, int labels -> (B, H, W, out_channels): a velocity
+    (C channels), or epsilon and a variance interpolation (2C)."""
 
     def __init__(self, *, input_size: int, channels: int, num_classes: int, patch_size: int,
-                 hidden: int, depth: int, heads: int, time_scale: float = 1000.0, dtype,
-                 rngs: nnx.Rngs):
+                 hidden: int, depth: int, heads: int, out_channels: int | None = None,
+                 time_scale: float = 1000.0, dtype, rngs: nnx.Rngs):
         if input_size % patch_size:
             raise ValueError(f"patch_size={patch_size} does not divide the latent size "
                              f"{input_size}")
         if hidden % heads or (hidden // heads) % 2:
             raise ValueError(f"hidden={hidden} is not divisible into {heads} heads")
-        self.patch, self.channels, self.grid = patch_size, channels, input_size // patch_size
+        self.patch, self.grid = patch_size, input_size // patch_size
+        self.out_channels = out_channels or channels
         self.num_classes, self.time_scale = num_classes, time_scale
         # DiT initialises the patch projection like a linear layer (xavier on its flat kernel).
         fan_in = patch_size * patch_size * channels
@@ -99,7 +102,7 @@ class DiT(nnx.Module):
                                 for _ in range(depth)])
         self.final_norm = layer_norm(hidden, dtype, rngs)
         self.final_ada = linear(hidden, 2 * hidden, dtype, rngs, init=zeros_init)
-        self.final = linear(hidden, patch_size * patch_size * channels, dtype, rngs,
+        self.final = linear(hidden, patch_size * patch_size * self.out_channels, dtype, rngs,
                             init=zeros_init)
         self.dtype = dtype
 
@@ -114,8 +117,8 @@ class DiT(nnx.Module):
             h = block(h, c)
         shift, scale = jnp.split(self.final_ada(nnx.silu(c)), 2, axis=-1)
         h = self.final(modulate(self.final_norm(h), shift, scale))
-        h = h.reshape(b, g, g, p, p, self.channels).transpose(0, 1, 3, 2, 4, 5)
-        return h.reshape(b, size, size, self.channels).astype(jnp.float32)
+        h = h.reshape(b, g, g, p, p, self.out_channels).transpose(0, 1, 3, 2, 4, 5)
+        return h.reshape(b, size, size, self.out_channels).astype(jnp.float32)
 
 
 def _flat_xavier(fan_in: int, fan_out: int):

@@ -80,7 +80,8 @@ class LatentDiffusionTask:
         m = self.config.model
         return {"dit_params": param_totals["dit"], "latent_shape": list(self.model.latent_shape),
                 "patch_size": m.patch_size, "tokens": (m.latent_size // m.patch_size) ** 2,
-                "hidden": m.hidden, "depth": m.depth, "heads": m.heads}
+                "hidden": m.hidden, "depth": m.depth, "heads": m.heads,
+                "objective": self.config.diffusion.objective}
 
     def train_data(self, process_index: int, process_count: int):
         op = reader.SampleLatent(self.cache.mean, self.cache.std, self.config.cache.latent,
@@ -192,7 +193,8 @@ class LatentDiffusionEvaluator:
         images = self.write_samples(params, step, s.num, s.seed)
         return {"step": step, "num": len(images),
                 "samples": str(self.run.workdir / "samples" / str(step)),
-                "steps": d.sample_steps, "sampler": d.sampler, "guidance": d.guidance}
+                "objective": d.objective, "steps": d.sample_steps, "sampler": d.sampler,
+                "guidance": d.guidance}
 
 
 def check_label(example: dict, *, num_classes: int) -> dict:
