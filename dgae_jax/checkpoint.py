@@ -17,6 +17,7 @@ import os
 
 import grain
 import jax
+from absl import logging
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
@@ -38,7 +39,7 @@ def _manager(directory: epath.Path, config: ml_collections.ConfigDict) -> ocp.Ch
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=policies.FixedIntervalPolicy(config.checkpoint_every),
         preservation_policy=policies.AnyPreservationPolicy(keep),
-        create=True)
+        create=True, cleanup_tmp_directories=True)  # what a killed save left is removed
     return ocp.CheckpointManager(directory, item_names=("state", "ema", "data", "config"),
                                  options=options)
 
@@ -110,8 +111,18 @@ class Checkpoints:
         return self.manager.reached_preemption(step)
 
     def close(self) -> None:
+        """Waits for the save in flight, then releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+    def discard_incomplete(self) -> None:
+        """Removes the temporary directories of saves that did not complete (the lead process
+        does; Orbax never restores them, and a restart would remove them too)."""
+        if jax.process_index() != 0:
+            return
+        for path in self.directory.glob("*.orbax-checkpoint-tmp*"):
+            path.rmtree()
+            logging.warning("removed the incomplete checkpoint %s", path)
 
 
 def abstract_like(tree, shardings):

@@ -6,12 +6,15 @@ traces shapes (nothing is allocated or compiled); the jitted functions compile o
 through `.lower(...).compile()`.
 
 Train state (a plain dict, what Orbax saves):
-    step       int32 scalar, the number of optimiser updates applied
+    step       int32 scalar, the number of train steps taken (skipped ones included)
     params     float32 parameters
     opt_state  optax state
     ema        exponential moving average of params (used for evaluation and sampling)
     rng        uint32 key data; the step key is fold_in(rng, step), so a resumed run draws the
                same randomness as an uninterrupted one
+    nonfinite  int32 scalar, how many steps in a row up to now had a non-finite loss or
+               gradient: such a step is not applied (params, opt_state and ema stay as they
+               were), and the loop stops after `max_nonfinite_steps` in a row
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ def make_init(task: Task, tx: optax.GradientTransformation) -> Callable:
         rng_params, rng_train = jax.random.split(rng)
         params = task.init_params(model, rng_params)
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-                "ema": jax.tree.map(jnp.copy, params), "rng": jax.random.key_data(rng_train)}
+                "ema": jax.tree.map(jnp.copy, params), "rng": jax.random.key_data(rng_train),
+                "nonfinite": jnp.zeros((), jnp.int32)}
     return init
 
 
@@ -49,13 +53,22 @@ def make_train_step(task: Task, tx: optax.GradientTransformation,
     def train_step(model, state: State, batch: dict) -> tuple[State, dict]:
         step = state["step"]
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
-        (_, metrics), grads = jax.value_and_grad(
+        (loss, metrics), grads = jax.value_and_grad(
             lambda p: task.loss_fn(model, p, batch, rng, step), has_aux=True)(state["params"])
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         ema = optim.update_ema(state["ema"], params, optim.ema_decay(config, step))
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), learning_rate=schedule(step))
-        return dict(state, step=step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+        # A non-finite loss or gradient leaves the run where it was (selected, not branched:
+        # both sides are already computed and the selects fuse into the update).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
+                           (params, opt_state, ema),
+                           (state["params"], state["opt_state"], state["ema"]))
+        metrics = dict(metrics, grad_norm=grad_norm, learning_rate=schedule(step),
+                       nonfinite=(~finite).astype(jnp.float32))
+        return dict(state, step=step + 1, params=new[0], opt_state=new[1], ema=new[2],
+                    nonfinite=jnp.where(finite, 0, state["nonfinite"] + 1)), metrics
     return train_step
 
 

@@ -88,13 +88,37 @@ class _Profile:
 
 
 def _mean_metrics(history: list[dict]) -> dict[str, float]:
+    """Means over the interval's applied steps (NaN if none was), and how many were skipped."""
     host = jax.device_get(history)  # the one host sync of a log interval
-    return {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+    applied = [h for h in host if not h["nonfinite"]] or [{k: np.nan for k in host[0]}]
+    scalars = {k: float(np.mean([h[k] for h in applied])) for k in host[0] if k != "nonfinite"}
+    return dict(scalars, nonfinite_steps=float(sum(h["nonfinite"] for h in host)))
+
+
+def _check_nonfinite(state: State, step: int, limit: int) -> None:
+    streak = int(state["nonfinite"])
+    if streak >= limit:
+        raise FloatingPointError(
+            f"steps {step - streak + 1}-{step} all had a non-finite loss or gradient "
+            f"(max_nonfinite_steps={limit}); none was applied, so the state and the newest "
+            "checkpoint are those of the last finite step")
+
+
+def _finish_saving_after_error(ckpt: checkpoint.Checkpoints, error: BaseException) -> None:
+    """Lets the checkpoint being written when the loop failed complete (or removes what it left
+    half-written), so the run exits with its one original error and a clean directory."""
+    try:
+        ckpt.close()
+    except Exception as failure:  # the original error is the one that propagates
+        logging.error("the checkpoint being saved when the run stopped (%s: %s) did not "
+                      "complete: %s", type(error).__name__, error, failure)
+        ckpt.discard_incomplete()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Task,
                        mesh: jax.sharding.Mesh | None = None) -> State:
-    """Trains to `config.total_steps`, resuming from the latest checkpoint in `workdir`."""
+    """Trains to `config.total_steps`, resuming from the latest checkpoint in `workdir`. Any
+    error in the loop first lets the checkpoint in flight finish, then propagates unchanged."""
     workdir = checkpoint.run_directory(workdir)
     mesh = mesh or parallel.make_mesh(config.mesh)
     run_fns = build_steps(config, task, mesh)
@@ -117,44 +141,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
                                              every_steps=config.log_every)
     history, last_log, input_wait = [], (step, time.time()), 0.0
     train_step, profile = None, _Profile(config, workdir)
-    with _StopRequest(config.log_every) as stop:
-        while step < config.total_steps:
-            profile.before(step)
-            wait_start = time.time()
-            batch = parallel.global_batch(next(data), mesh)
-            input_wait += time.time() - wait_start
-            if train_step is None:  # compiled once, before the first step runs
-                train_step, compile_report = compile_train_step(run_fns, model, state, batch)
-                logging.info("%s", describe_compiled(compile_report))
-                last_log = (step, time.time())
-                input_wait = 0.0
-            state, metrics = train_step(model, state, batch)
-            step += 1
-            history.append(metrics)
-            report(step)
-            profile.after(step)
-            if step % config.log_every == 0 or step == config.total_steps:
-                scalars = _mean_metrics(history)
-                if not np.isfinite(scalars["loss"]):
-                    raise FloatingPointError(f"non-finite loss at step {step}: {scalars}")
-                elapsed = time.time() - last_log[1]
-                rate = (step - last_log[0]) * config.batch_size / elapsed
-                scalars.update(images_per_sec=rate, images_per_sec_per_device=rate / n_devices,
-                               step_time_ms=1000 * elapsed / (step - last_log[0]),
-                               input_wait_fraction=input_wait / elapsed)
-                writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
-                history, last_log, input_wait = [], (step, time.time()), 0.0
-            if step % config.eval_every == 0 or step == config.total_steps:
-                eval_start = time.time()
-                run.write_eval(step, evaluator.evaluate(state["ema"], step))
-                # Throughput counts training only.
-                last_log = (last_log[0], last_log[1] + time.time() - eval_start)
-            saved = ckpt.save(step, state, data, force=step == config.total_steps)
-            if stop.agreed(step) or ckpt.reached_preemption(step):
-                if not saved:
-                    ckpt.save(step, state, data, force=True)
-                logging.warning("stopped at step %d after saving a checkpoint", step)
-                break
+    try:
+        with _StopRequest(config.log_every) as stop:
+            while step < config.total_steps:
+                profile.before(step)
+                wait_start = time.time()
+                batch = parallel.global_batch(next(data), mesh)
+                input_wait += time.time() - wait_start
+                if train_step is None:  # compiled once, before the first step runs
+                    train_step, compile_report = compile_train_step(run_fns, model, state, batch)
+                    logging.info("%s", describe_compiled(compile_report))
+                    last_log = (step, time.time())
+                    input_wait = 0.0
+                state, metrics = train_step(model, state, batch)
+                step += 1
+                history.append(metrics)
+                report(step)
+                profile.after(step)
+                if step % config.log_every == 0 or step == config.total_steps:
+                    scalars = _mean_metrics(history)
+                    elapsed = time.time() - last_log[1]
+                    rate = (step - last_log[0]) * config.batch_size / elapsed
+                    scalars.update(images_per_sec=rate, images_per_sec_per_device=rate / n_devices,
+                                   step_time_ms=1000 * elapsed / (step - last_log[0]),
+                                   input_wait_fraction=input_wait / elapsed)
+                    writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+                    _check_nonfinite(state, step, config.max_nonfinite_steps)
+                    history, last_log, input_wait = [], (step, time.time()), 0.0
+                if step % config.eval_every == 0 or step == config.total_steps:
+                    eval_start = time.time()
+                    run.write_eval(step, evaluator.evaluate(state["ema"], step))
+                    # Throughput counts training only.
+                    last_log = (last_log[0], last_log[1] + time.time() - eval_start)
+                saved = ckpt.save(step, state, data, force=step == config.total_steps)
+                if stop.agreed(step) or ckpt.reached_preemption(step):
+                    if not saved:
+                        ckpt.save(step, state, data, force=True)
+                    logging.warning("stopped at step %d after saving a checkpoint", step)
+                    break
+    except BaseException as error:
+        profile.close()
+        _finish_saving_after_error(ckpt, error)
+        raise
     profile.close()
     ckpt.close()
     writer.flush()

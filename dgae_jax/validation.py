@@ -75,7 +75,7 @@ def validate(config: ml_collections.ConfigDict, mode: str, *, workdir: str | Non
 
 def _training(config, device_count: int | None, process_count: int) -> None:
     _positive(config, "total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every",
-              "checkpoint_keep")
+              "checkpoint_keep", "max_nonfinite_steps")
     _require(config.checkpoint_keep_every >= 0,
              f"checkpoint_keep_every={config.checkpoint_keep_every} must not be negative")
     _require(0 <= config.ema_decay < 1, f"ema_decay={config.ema_decay} is not in [0, 1)")

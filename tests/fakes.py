@@ -1,0 +1,97 @@
+"""Test doubles for the trainer: a DiT task on random stored posteriors (no cache on disk, no
+decoding), a batch stream that records ids and can send SIGTERM, and a small mesh."""
+
+import os
+import signal
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from dgae_jax import config_lib, parallel
+from dgae_jax.cache import reader
+from dgae_jax.data import pipeline
+from dgae_jax.tasks.ldm import LatentDiffusionTask
+
+
+def mesh_of(data, fsdp):
+    devices = jax.devices()[:data * fsdp]
+    return parallel.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp)), devices)
+
+
+class RecordingIterator(grain.DatasetIterator):
+    """Records the ids of the batches the trainer consumes; optionally sends SIGTERM."""
+
+    def __init__(self, inner, log, signal_at=None):
+        super().__init__(inner)
+        self._inner, self._log, self._signal_at = inner, log, signal_at
+
+    def __next__(self):
+        batch = next(self._inner)
+        self._log.append(batch["id"].tolist())
+        if len(self._log) == self._signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch
+
+    def get_state(self):
+        return self._inner.get_state()
+
+    def set_state(self, state):
+        self._inner.set_state(state)
+
+
+def recording(task_cls):
+    """`task_cls` whose training stream records the batch ids it yields (and can send SIGTERM)."""
+
+    class Recording(task_cls):
+        def __init__(self, config, signal_at=None):
+            super().__init__(config, "train")
+            self.log, self.signal_at = [], signal_at
+
+        def train_data(self, process_index, process_count):
+            dataset = super().train_data(process_index, process_count)
+            task = self
+
+            class Stream:
+                def __iter__(self):
+                    return RecordingIterator(iter(dataset), task.log, task.signal_at)
+
+            return Stream()
+
+    return Recording
+
+
+class NoEvaluation:
+    def evaluate(self, params, step):
+        return {}
+
+
+class SyntheticLatentTask(LatentDiffusionTask):
+    """The DiT task on 24 random stored posteriors instead of a cache on disk (the data path from
+    the posteriors on is the task's own); its evaluation decodes nothing."""
+
+    def __init__(self, config, mode="train"):
+        super().__init__(config, "summary")
+        rng = np.random.default_rng(0)
+        shape = self.model.latent_shape
+        self.examples = [{"mean": rng.standard_normal(shape).astype(np.float32),
+                          "logvar": np.full(shape, -2.0, np.float32),
+                          "label": np.int32(i % 4), "id": np.int64(i)} for i in range(24)]
+
+    def train_data(self, process_index, process_count):
+        op = reader.SampleLatent(np.zeros(16, np.float32), np.ones(16, np.float32))
+        return pipeline.epoch_batches(grain.MapDataset.source(self.examples), self.config,
+                                      process_index, process_count, op)
+
+    def evaluator(self, run):
+        return NoEvaluation()
+
+
+def ldm_train_config():
+    cfg = config_lib.ldm_config("demo")
+    cfg.model.update(hidden=32, depth=2, heads=2, num_classes=4)
+    cfg.update(batch_size=8, total_steps=6, log_every=2, eval_every=1000, checkpoint_every=4)
+    cfg.optimizer.warmup_steps = 1
+    cfg.ema_decay = 0.9
+    return cfg

@@ -1,0 +1,153 @@
+"""Faults injected into training runs: non-finite steps are skipped and counted, a streak of them
+stops the run with the last finite state checkpointed, and an error inside the loop lets the
+checkpoint in flight finish and exits with the one original error."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dgae_jax import checkpoint, parallel, steps, trainer
+from fakes import SyntheticLatentTask, ldm_train_config, mesh_of
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+class PoisonedTask(SyntheticLatentTask):
+    """The synthetic DiT task whose loss is NaN at the given (0-based) state steps."""
+
+    def __init__(self, config, poison=()):
+        super().__init__(config)
+        self.poison = jnp.asarray(sorted(poison) or [-1])
+
+    def loss_fn(self, model, params, batch, rng, step):
+        loss, metrics = super().loss_fn(model, params, batch, rng, step)
+        nan = jnp.where(jnp.any(self.poison == step), jnp.nan, 0.0)
+        return loss + nan, dict(metrics, loss=metrics["loss"] + nan)
+
+
+def test_a_nonfinite_step_is_not_applied_and_is_counted():
+    cfg = ldm_train_config()
+    task = PoisonedTask(cfg, poison=(1, 2))
+    mesh = mesh_of(1, 1)
+    fns = steps.build_steps(cfg, task, mesh)
+    model = jax.device_put(task.model, parallel.replicated(mesh))
+    state = fns.init(model, jax.random.key(0))
+    batches = iter(task.train_data(0, 1))
+    history = []
+    for _ in range(4):
+        before = jax.device_get(state)
+        state, metrics = fns.train_step(model, state, parallel.global_batch(next(batches), mesh))
+        history.append((before, jax.device_get(state), jax.device_get(metrics)))
+    for i, (before, after, metrics) in enumerate(history):
+        assert after["step"] == i + 1  # every step is taken: the next one draws new data
+        skipped = i in (1, 2)
+        assert metrics["nonfinite"] == float(skipped)
+        assert after["nonfinite"] == {0: 0, 1: 1, 2: 2, 3: 0}[i]  # the streak, reset when finite
+        for key in ("params", "opt_state", "ema"):
+            same = all(np.array_equal(a, b) for a, b in
+                       zip(jax.tree.leaves(before[key]), jax.tree.leaves(after[key])))
+            assert same == skipped or (key == "params" and i == 0), (i, key)  # lr 0 at step 0
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(after["params"]))
+    logged = trainer._mean_metrics([m for _, _, m in history])
+    assert logged["nonfinite_steps"] == 2
+    np.testing.assert_allclose(logged["loss"], np.mean([history[0][2]["loss"],
+                                                        history[3][2]["loss"]]), rtol=1e-6)
+
+
+def test_a_streak_of_nonfinite_steps_stops_with_the_last_finite_state_saved(tmp_path):
+    cfg = ldm_train_config()
+    cfg.update(total_steps=10, log_every=1, checkpoint_every=2, max_nonfinite_steps=2)
+    mesh = mesh_of(1, 1)
+    with pytest.raises(FloatingPointError, match=r"^steps 4-5 all had a non-finite loss or "
+                       r"gradient \(max_nonfinite_steps=2\)"):
+        trainer.train_and_evaluate(cfg, str(tmp_path / "run"), PoisonedTask(cfg, range(3, 99)),
+                                   mesh)
+    directory = tmp_path / "run" / "checkpoints"
+    assert sorted(os.listdir(directory)) == ["2", "4"]  # complete, nothing half-written
+    task = SyntheticLatentTask(cfg)  # three clean steps of the same run
+    fns = steps.build_steps(cfg, task, mesh)
+    model = jax.device_put(task.model, parallel.replicated(mesh))
+    want, batches = fns.init(model, jax.random.key(cfg.seed)), iter(task.train_data(0, 1))
+    for _ in range(3):
+        want, _ = fns.train_step(model, want, parallel.global_batch(next(batches), mesh))
+    step, got = checkpoint.Checkpoints(str(tmp_path / "run"), cfg).restore(fns.abstract_state)
+    assert step == 4 and int(got["nonfinite"]) == 1
+    for key in ("params", "opt_state", "ema"):  # step 4 was skipped: the state of step 3
+        for a, b in zip(jax.tree.leaves(jax.device_get(got[key])),
+                        jax.tree.leaves(jax.device_get(want[key]))):
+            np.testing.assert_array_equal(a, b)
+
+
+SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from dgae_jax import trainer
+from fakes import SyntheticLatentTask, ldm_train_config, mesh_of
+from test_faults import FailingData, PoisonedTask
+
+cfg = ldm_train_config()
+cfg.update(total_steps=10, log_every=1, checkpoint_every=2, max_nonfinite_steps=1)
+task = {task}
+trainer.train_and_evaluate(cfg, {workdir!r}, task, mesh_of(1, 1))
+"""
+
+
+class FailingData(SyntheticLatentTask):
+    """The synthetic DiT task whose data stream raises while preparing batch `fail_at`."""
+
+    def __init__(self, config, fail_at):
+        super().__init__(config)
+        self.fail_at = fail_at
+
+    def train_data(self, process_index, process_count):
+        batches = super().train_data(process_index, process_count)
+        fail_at = self.fail_at
+
+        class Failing(grain.DatasetIterator):
+            def __init__(self):
+                self.inner, self.count = iter(batches), 0
+                super().__init__(self.inner)
+
+            def __next__(self):
+                self.count += 1
+                if self.count == fail_at:
+                    raise OSError(f"cannot read shard 7 (batch {self.count})")
+                return next(self.inner)
+
+            def get_state(self):
+                return self.inner.get_state()
+
+            def set_state(self, state):
+                self.inner.set_state(state)
+
+        class Stream:
+            def __iter__(self):
+                return Failing()
+        return Stream()
+
+
+@pytest.mark.parametrize("task,error,checkpoints", [
+    ("PoisonedTask(cfg, range(2, 99))", "FloatingPointError: steps 3-3 all had", ["2"]),
+    ("FailingData(cfg, fail_at=5)", "OSError: cannot read shard 7 (batch 5)", ["2", "4"]),
+])
+def test_an_error_in_the_loop_exits_with_it_alone_and_keeps_the_saved_checkpoint(
+        tmp_path, task, error, checkpoints):
+    """In a fresh interpreter, as a user's run: the checkpoint saved asynchronously just before
+    the failure completes, and the error is the only traceback."""
+    workdir = str(tmp_path / "run")
+    script = SCRIPT.format(tests=TESTS, task=task, workdir=workdir)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.count("Traceback") == 1, result.stderr[-3000:]
+    assert error in result.stderr.strip().splitlines()[-1]
+    assert "cannot schedule new futures" not in result.stderr
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints
