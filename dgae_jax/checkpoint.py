@@ -1,19 +1,27 @@
 """Orbax checkpoints of a training run: the sharded train state, the data iterator, the config.
 
-One `CheckpointManager` per run directory with four items per step: `state` (params, optimiser,
+One `CheckpointManager` per run directory with five items per step: `state` (params, optimiser,
 step, RNG key data), `ema` (the EMA parameters: what evaluation, caching, sampling and export
 use, saved apart so that they restore without the optimiser), `data` (the grain iterator
-position of the batches actually consumed) and `config` (JSON). Saves are asynchronous; the
-latest N and every K-th step are kept. Restores go into an abstract target that carries the
-shardings wanted now, so the state restores on another mesh; training resumes only with the
-process count that saved it (the data position is per process), which is checked first. Errors
-propagate: a checkpoint that cannot be restored stops the run.
+position of the batches actually consumed), `config` (JSON) and `checksums` (JSON: a checksum of
+every array of `state` and `ema`, computed on the devices at save, checksums.py). Saves are
+asynchronous; the latest N and every K-th step are kept; what a killed save left half-written is
+removed when the next run opens the directory. Restores go into an abstract target that carries
+the shardings wanted now, so the state restores on another mesh; training resumes only with the
+process count that saved it (the data position is per process), which is checked first.
+
+Every restore recomputes the checksums of what it read: a checkpoint that does not match, or
+whose item cannot be read, raises `CorruptCheckpoint` naming the step, the item and the array.
+`restore_intact` then falls back to the newest intact checkpoint, saying which step was bad and
+why, and (for training) moves the bad one aside to `<workdir>/corrupt_checkpoints/` (never
+deleting it). Any other error propagates.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
 import grain
 import jax
@@ -21,9 +29,13 @@ from absl import logging
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
-from dgae_jax.errors import ConfigError
+from dgae_jax import checksums
+from dgae_jax.errors import ConfigError, CorruptCheckpoint
+
+ITEMS = ("state", "ema", "data", "config", "checksums")
 
 
 def run_directory(workdir: str | os.PathLike) -> epath.Path:
@@ -40,8 +52,7 @@ def _manager(directory: epath.Path, config: ml_collections.ConfigDict) -> ocp.Ch
         save_decision_policy=policies.FixedIntervalPolicy(config.checkpoint_every),
         preservation_policy=policies.AnyPreservationPolicy(keep),
         create=True, cleanup_tmp_directories=True)  # what a killed save left is removed
-    return ocp.CheckpointManager(directory, item_names=("state", "ema", "data", "config"),
-                                 options=options)
+    return ocp.CheckpointManager(directory, item_names=ITEMS, options=options)
 
 
 class Checkpoints:
@@ -61,33 +72,84 @@ class Checkpoints:
 
     def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
         """Saves when the interval policy says so (or `force`); returns whether it did."""
+        if not force and not self.manager.should_save(step):
+            return False
         train = {k: v for k, v in state.items() if k != "ema"}
+        sums = {"state": checksums.tree_checksums(train),
+                "ema": checksums.tree_checksums(state["ema"])}
         return self.manager.save(step, force=force, args=ocp.args.Composite(
             state=ocp.args.StandardSave(train),
             ema=ocp.args.StandardSave(state["ema"]),
             data=grain.checkpoint.CheckpointSave(data_iter),
-            config=ocp.args.JsonSave(self.config_json)))
+            config=ocp.args.JsonSave(self.config_json),
+            checksums=ocp.args.JsonSave(sums)))
 
     def restore(self, abstract_state, data_iter=None, step: int | None = None):
-        """Restores `state` (into `abstract_state`'s shapes and shardings) and, if given, moves
-        `data_iter` to the saved position. Returns (step, state)."""
+        """Restores `state` (into `abstract_state`'s shapes and shardings), verified, and, if
+        given, moves `data_iter` to the saved position. Returns (step, state)."""
         step = self._step(step)
         if data_iter is not None:
             self._check_process_count(step)
         train = {k: v for k, v in abstract_state.items() if k != "ema"}
-        items = {"state": ocp.args.StandardRestore(train),
-                 "ema": ocp.args.StandardRestore(abstract_state["ema"])}
+        sums = self._read(step, "checksums", ocp.args.JsonRestore())
+        state = self._verified(step, "state", ocp.args.StandardRestore(train), sums)
+        ema = self._verified(step, "ema", ocp.args.StandardRestore(abstract_state["ema"]), sums)
         if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return step, dict(restored["state"], ema=restored["ema"])
+            self._read(step, "data", grain.checkpoint.CheckpointRestore(data_iter))
+        return step, dict(state, ema=ema)
 
     def restore_ema(self, abstract_params, step: int | None = None):
-        """Only the EMA parameters (no optimiser state is read). Returns (step, ema)."""
+        """Only the EMA parameters (no optimiser state is read), verified. Returns (step, ema)."""
         step = self._step(step)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            ema=ocp.args.StandardRestore(abstract_params)))
-        return step, restored["ema"]
+        sums = self._read(step, "checksums", ocp.args.JsonRestore())
+        return step, self._verified(step, "ema", ocp.args.StandardRestore(abstract_params), sums)
+
+    def restore_intact(self, restore, *, fallback: bool, move_aside: bool):
+        """`restore(step)` of the newest step that restores intact. A corrupt step is logged;
+        with `fallback` the next older one is tried (a corrupt one moved aside first if
+        `move_aside`), without it the corruption is raised as one line."""
+        error = None
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                return restore(step)
+            except CorruptCheckpoint as corrupt:
+                error = corrupt
+                if not fallback:
+                    raise CorruptCheckpoint(error.step, error.item, f"{error.reason} in "
+                                            f"{self.directory} (restore_fallback=True uses the "
+                                            "newest intact checkpoint)") from None
+                logging.error("%s; trying an older checkpoint", error)
+                if move_aside:
+                    self.move_aside(step)
+        raise CorruptCheckpoint(error.step, error.item, f"{error.reason}, and it was the oldest"
+                                f": no checkpoint in {self.directory} is intact")
+
+    def move_aside(self, step: int) -> None:
+        """Moves checkpoint `step` to `<workdir>/corrupt_checkpoints/` (the lead process does;
+        all processes wait for it), where the manager no longer sees it."""
+        if jax.process_index() == 0:
+            target = self.directory.parent / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(target)
+            logging.warning("moved the corrupt checkpoint %d to %s", step, target)
+        multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+        self.manager.reload()
+
+    def _read(self, step: int, item: str, args):
+        """One item of `step`; any failure to read it is corruption of that item."""
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
+        except Exception as error:  # Orbax, tensorstore, JSON and grain each raise their own
+            reason = f"{type(error).__name__}: {error}".splitlines()[0]
+            raise CorruptCheckpoint(step, item, f"cannot be read ({reason})") from error
+
+    def _verified(self, step: int, item: str, args, sums: dict):
+        tree = self._read(step, item, args)
+        bad = checksums.mismatches(sums.get(item, {}), tree)
+        if bad:
+            raise CorruptCheckpoint(step, item, f"does not match its checksums in {len(bad)} "
+                                    f"array(s), first {bad[0]}")
+        return tree
 
     def _check_process_count(self, step: int) -> None:
         """The data item holds one iterator position per process (grain's

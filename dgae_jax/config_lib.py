@@ -85,6 +85,7 @@ def autoencoder_config(factor: int, arg: str | None = None) -> ml_collections.Co
     c.profile_steps = ()  # (start, end): a jax.profiler trace of those steps in <workdir>/profile
     c.benchmark_steps = 10  # --mode=benchmark: timed steps; 0 = compile and memory analysis only
     c.max_nonfinite_steps = 20  # non-finite steps in a row (each skipped) before the run stops
+    c.restore_fallback = True  # a corrupt checkpoint: resume from the newest intact one
 
     # Paper section 4.1.
     c.optimizer = dict(lr=1e-4, end_lr=1e-5, warmup_steps=10_000, b1=0.9, b2=0.95, eps=1e-8,
@@ -222,6 +223,7 @@ def ldm_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.profile_steps = ()  # (start, end): a jax.profiler trace of those steps in <workdir>/profile
     c.benchmark_steps = 10  # --mode=benchmark: timed steps; 0 = compile and memory analysis only
     c.max_nonfinite_steps = 20  # non-finite steps in a row (each skipped) before the run stops
+    c.restore_fallback = True  # a corrupt checkpoint: resume from the newest intact one
     # DiT: AdamW at a constant 1e-4, no weight decay, no warm-up, default betas, no clipping.
     c.optimizer = dict(lr=1e-4, end_lr=1e-4, warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
                        weight_decay=0.0, clip_norm=0.0)

@@ -59,11 +59,19 @@ def abstract_params(config: ml_collections.ConfigDict, init_params: Callable, mo
 def restore_ema(config: ml_collections.ConfigDict, workdir: str, init_params: Callable, model,
                 mesh: jax.sharding.Mesh, step: int | None = None,
                 field: str = "eval.step") -> tuple[int, Any]:
-    """(step, EMA parameters) of `step` (default: the latest) of the run in `workdir`."""
+    """(step, EMA parameters) of `step` of the run in `workdir`, verified against its
+    checksums. Without a step, the latest intact one: a corrupt newer one is logged and skipped
+    (not moved: the run may be training), unless config.restore_fallback is off."""
+    requested = step
     step = resolve_step(config, workdir, step, field)
+    abstract = abstract_params(config, init_params, model, mesh)
     ckpt = checkpoint.Checkpoints(workdir, config)
     try:
-        step, ema = ckpt.restore_ema(abstract_params(config, init_params, model, mesh), step)
+        if requested is None:
+            step, ema = ckpt.restore_intact(lambda s: ckpt.restore_ema(abstract, s),
+                                            fallback=config.restore_fallback, move_aside=False)
+        else:
+            step, ema = ckpt.restore_ema(abstract, step)
     finally:
         ckpt.close()
     logging.info("restored the EMA parameters of step %d from %s", step, ckpt.directory)

@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from clu import parameter_overview, periodic_actions
 
 from dgae_jax import checkpoint, parallel
+from dgae_jax.errors import NonFiniteSteps
 from dgae_jax.steps import State, build_steps, compile_train_step, describe_compiled
 from dgae_jax.tasks.base import Run, Task, make_writer
 
@@ -98,7 +99,7 @@ def _mean_metrics(history: list[dict]) -> dict[str, float]:
 def _check_nonfinite(state: State, step: int, limit: int) -> None:
     streak = int(state["nonfinite"])
     if streak >= limit:
-        raise FloatingPointError(
+        raise NonFiniteSteps(
             f"steps {step - streak + 1}-{step} all had a non-finite loss or gradient "
             f"(max_nonfinite_steps={limit}); none was applied, so the state and the newest "
             "checkpoint are those of the last finite step")
@@ -130,7 +131,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
     data = iter(task.train_data(jax.process_index(), jax.process_count()))
 
     if ckpt.latest_step is not None:
-        step, state = ckpt.restore(run_fns.abstract_state, data)
+        step, state = ckpt.restore_intact(
+            lambda s: ckpt.restore(run_fns.abstract_state, data, s),
+            fallback=config.restore_fallback, move_aside=True)
         logging.info("resumed from the checkpoint of step %d in %s", step, ckpt.directory)
     else:
         state = run_fns.init(model, jax.random.key(config.seed))

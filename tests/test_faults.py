@@ -2,6 +2,7 @@
 stops the run with the last finite state checkpointed, and an error inside the loop lets the
 checkpoint in flight finish and exits with the one original error."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dgae_jax import checkpoint, parallel, steps, trainer
+from dgae_jax import checkpoint, inference, parallel, steps, trainer
+from dgae_jax.errors import CorruptCheckpoint
 from fakes import SyntheticLatentTask, ldm_train_config, mesh_of
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -134,7 +136,7 @@ class FailingData(SyntheticLatentTask):
 
 
 @pytest.mark.parametrize("task,error,checkpoints", [
-    ("PoisonedTask(cfg, range(2, 99))", "FloatingPointError: steps 3-3 all had", ["2"]),
+    ("PoisonedTask(cfg, range(2, 99))", "NonFiniteSteps: steps 3-3 all had", ["2"]),
     ("FailingData(cfg, fail_at=5)", "OSError: cannot read shard 7 (batch 5)", ["2", "4"]),
 ])
 def test_an_error_in_the_loop_exits_with_it_alone_and_keeps_the_saved_checkpoint(
@@ -151,3 +153,72 @@ def test_an_error_in_the_loop_exits_with_it_alone_and_keeps_the_saved_checkpoint
     assert error in result.stderr.strip().splitlines()[-1]
     assert "cannot schedule new futures" not in result.stderr
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints
+
+
+def largest_file(directory) -> str:
+    files = [os.path.join(d, f) for d, _, names in os.walk(directory) for f in names]
+    return max(files, key=os.path.getsize)
+
+
+def flip_bytes(path, count=64) -> None:
+    """Inverts `count` bytes in the middle of `path`."""
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(size // 2)
+        chunk = f.read(count)
+        f.seek(size // 2)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+
+
+def run_to(cfg, workdir, steps_total, **overrides):
+    cfg = cfg.copy_and_resolve_references()
+    cfg.update(total_steps=steps_total, **overrides)
+    return trainer.train_and_evaluate(cfg, str(workdir), SyntheticLatentTask(cfg), mesh_of(1, 1))
+
+
+def assert_same_state(got, want):
+    for a, b in zip(jax.tree.leaves(jax.device_get(got)), jax.tree.leaves(jax.device_get(want))):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("damage", ["flip state data", "delete ema file"])
+def test_a_corrupt_checkpoint_is_never_restored(tmp_path, damage, caplog):
+    """The newest checkpoint damaged: training falls back to the previous one (moved aside, never
+    deleted) and ends bit-equal to an uninterrupted run; without fallback it stops in one line;
+    evaluation's loader uses the older step and says so, and refuses the damaged one by name."""
+    cfg = ldm_train_config()
+    cfg.update(log_every=1, checkpoint_every=2)
+    want = run_to(cfg, tmp_path / "straight", 6)
+    run_to(cfg, tmp_path / "run", 4)
+    step_dir = tmp_path / "run" / "checkpoints" / "4"
+    if damage == "flip state data":
+        flip_bytes(largest_file(step_dir / "state"))
+    else:
+        os.remove(largest_file(step_dir / "ema"))
+    item = "state" if damage == "flip state data" else "ema"
+
+    with pytest.raises(CorruptCheckpoint, match=rf"^checkpoint 4: item '{item}' .* "
+                       r"\(restore_fallback=True uses the newest intact checkpoint\)$") as error:
+        run_to(cfg, tmp_path / "run", 6, restore_fallback=False)
+    assert "\n" not in str(error.value)
+
+    task = SyntheticLatentTask(cfg)
+    if item == "ema":
+        with pytest.raises(CorruptCheckpoint, match="^checkpoint 4: item 'ema' cannot be read"):
+            inference.restore_ema(cfg, str(tmp_path / "run"), task.init_params, task.model,
+                                  mesh_of(1, 1), step=4)
+        with caplog.at_level(logging.INFO):
+            step, _ = inference.restore_ema(cfg, str(tmp_path / "run"), task.init_params,
+                                            task.model, mesh_of(1, 1))
+        assert step == 2 and "checkpoint 4: item 'ema'" in caplog.text
+        assert "restored the EMA parameters of step 2" in caplog.text
+        assert os.path.isdir(step_dir)  # evaluation moves nothing
+
+    with caplog.at_level(logging.INFO):
+        got = run_to(cfg, tmp_path / "run", 6)
+    assert f"checkpoint 4: item '{item}'" in caplog.text
+    assert "resumed from the checkpoint of step 2" in caplog.text
+    aside = os.listdir(tmp_path / "run" / "corrupt_checkpoints")
+    assert len(aside) == 1 and aside[0].startswith("4-")
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4", "6"]
+    assert_same_state(got, want)
