@@ -4,9 +4,13 @@ checkpoint in flight finish and exits with the one original error."""
 
 import logging
 import os
+import queue
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import grain
 import jax
@@ -222,3 +226,121 @@ def test_a_corrupt_checkpoint_is_never_restored(tmp_path, damage, caplog):
     assert len(aside) == 1 and aside[0].startswith("4-")
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4", "6"]
     assert_same_state(got, want)
+
+
+class NarratedTask(SyntheticLatentTask):
+    """The synthetic DiT task telling a watching test what it does: `BATCH i` as batch i is
+    taken, `EVAL step` as an evaluation starts (which then lasts a moment)."""
+
+    def train_data(self, process_index, process_count):
+        batches = super().train_data(process_index, process_count)
+
+        class Narrated(grain.DatasetIterator):
+            def __init__(self):
+                self.inner, self.count = iter(batches), 0
+                super().__init__(self.inner)
+
+            def __next__(self):
+                self.count += 1
+                print(f"BATCH {self.count}", flush=True)
+                return next(self.inner)
+
+            def get_state(self):
+                return self.inner.get_state()
+
+            def set_state(self, state):
+                self.inner.set_state(state)
+
+        class Stream:
+            def __iter__(self):
+                return Narrated()
+        return Stream()
+
+    def evaluator(self, run):
+        class Slow:
+            def evaluate(self, params, step):
+                print(f"EVAL {step}", flush=True)
+                time.sleep(0.5)
+                return {}
+        return Slow()
+
+
+KILL_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from absl import logging
+from dgae_jax import trainer
+from fakes import ldm_train_config, mesh_of
+from test_faults import NarratedTask
+
+cfg = ldm_train_config()
+cfg.update(total_steps=12, log_every=1, checkpoint_every=2, eval_every=5)
+logging.set_verbosity(logging.INFO)
+trainer.train_and_evaluate(cfg, {workdir!r}, NarratedTask(cfg), mesh_of(1, 1))
+"""
+
+
+def run_and_kill(workdir, env, kill_when):
+    """Runs the narrated job; SIGKILLs it the moment `kill_when(line or None, checkpoint
+    names)` is true (checked on every output line and every millisecond), or lets it finish.
+    Returns (killed, the complete checkpoints before the start, the output)."""
+    script = KILL_SCRIPT.format(tests=TESTS, workdir=str(workdir))
+    ckpts = workdir / "checkpoints"
+    names = lambda: set(os.listdir(ckpts)) if ckpts.exists() else set()  # noqa: E731
+    before = {n for n in names() if n.isdigit()}
+    proc = subprocess.Popen([sys.executable, "-u", "-c", script], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    output, deadline = [], time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            line = lines.get(timeout=0.001)
+            output.append(line)
+        except queue.Empty:
+            line = None
+        if kill_when(line, names()):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True, before, "".join(output)
+    proc.wait(timeout=60)
+    while not lines.empty():
+        output.append(lines.get())
+    return False, before, "".join(output)
+
+
+@pytest.mark.slow
+def test_kill_9_at_any_moment_resumes_bit_exactly(tmp_path):
+    """SIGKILL during an asynchronous save, between steps, during an evaluation and right after
+    a save completed, restarting each time: every restart resumes from a complete checkpoint and
+    the final state equals an uninterrupted run's, bit for bit."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jit"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    killed, _, output = run_and_kill(tmp_path / "straight", env, lambda line, names: False)
+    assert not killed and "BATCH 12" in output
+
+    moments = {
+        "during a save": lambda line, names: any(".orbax-checkpoint-tmp" in n for n in names),
+        "between steps 3 and 4": lambda line, names: line == "BATCH 4\n",
+        "during an evaluation": lambda line, names: bool(line and line.startswith("EVAL")),
+        "right after a save": lambda line, names: "8" in names,
+        "during the next save": lambda line, names: any(".orbax-checkpoint-tmp" in n
+                                                        for n in names),
+    }
+    workdir = tmp_path / "killed"
+    for moment, kill_when in moments.items():
+        killed, complete, output = run_and_kill(workdir, env, kill_when)
+        assert killed, f"the run ended before the moment {moment!r}:\n{output[-2000:]}"
+        if complete:  # the restart resumed from the newest checkpoint complete at its start
+            assert f"resumed from the checkpoint of step {max(map(int, complete))}" in output
+    killed, complete, output = run_and_kill(workdir, env, lambda line, names: False)
+    assert not killed and f"resumed from the checkpoint of step {max(map(int, complete))}" in output
+    assert not (workdir / "corrupt_checkpoints").exists()
+    assert not [n for n in os.listdir(workdir / "checkpoints") if not n.isdigit()]
+
+    cfg = ldm_train_config()
+    fns = steps.build_steps(cfg, SyntheticLatentTask(cfg), mesh_of(1, 1))
+    restored = [checkpoint.Checkpoints(str(d), cfg).restore(fns.abstract_state)
+                for d in (workdir, tmp_path / "straight")]
+    assert restored[0][0] == restored[1][0] == 12
+    assert_same_state(restored[0][1], restored[1][1])
