@@ -19,6 +19,7 @@ deleting it). Any other error propagates.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -33,7 +34,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from dgae_jax import checksums
-from dgae_jax.errors import ConfigError, CorruptCheckpoint
+from dgae_jax.errors import CheckpointWriteError, ConfigError, CorruptCheckpoint
 
 ITEMS = ("state", "ema", "data", "config", "checksums")
 
@@ -77,12 +78,25 @@ class Checkpoints:
         train = {k: v for k, v in state.items() if k != "ema"}
         sums = {"state": checksums.tree_checksums(train),
                 "ema": checksums.tree_checksums(state["ema"])}
-        return self.manager.save(step, force=force, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(train),
-            ema=ocp.args.StandardSave(state["ema"]),
-            data=grain.checkpoint.CheckpointSave(data_iter),
-            config=ocp.args.JsonSave(self.config_json),
-            checksums=ocp.args.JsonSave(sums)))
+        with self._writing(f"checkpoint {step}"):  # also reports an earlier save's failure
+            return self.manager.save(step, force=force, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(train),
+                ema=ocp.args.StandardSave(state["ema"]),
+                data=grain.checkpoint.CheckpointSave(data_iter),
+                config=ocp.args.JsonSave(self.config_json),
+                checksums=ocp.args.JsonSave(sums)))
+
+    @contextlib.contextmanager
+    def _writing(self, what: str):
+        """Any failure to write becomes one CheckpointWriteError naming the directory."""
+        try:
+            yield
+        except CheckpointWriteError:
+            raise
+        except Exception as error:
+            reason = f"{type(error).__name__}: {error}".splitlines()[0]
+            raise CheckpointWriteError(f"cannot save {what} (or finish the one before it) in "
+                                       f"{self.directory}: {reason}") from error
 
     def restore(self, abstract_state, data_iter=None, step: int | None = None):
         """Restores `state` (into `abstract_state`'s shapes and shardings), verified, and, if
@@ -174,7 +188,8 @@ class Checkpoints:
 
     def close(self) -> None:
         """Waits for the save in flight, then releases the manager."""
-        self.manager.wait_until_finished()
+        with self._writing("the last checkpoint"):
+            self.manager.wait_until_finished()
         self.manager.close()
 
     def discard_incomplete(self) -> None:

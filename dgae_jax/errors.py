@@ -17,3 +17,8 @@ class CorruptCheckpoint(Exception):
 class NonFiniteSteps(FloatingPointError):
     """Too many train steps in a row had a non-finite loss or gradient. The CLI prints it as one
     line."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, permissions, storage errors); what it left
+    half-written is removed. The CLI prints it as one line."""

@@ -13,7 +13,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dgae_jax import modes, parallel, validation
-from dgae_jax.errors import ConfigError, CorruptCheckpoint, NonFiniteSteps
+from dgae_jax.errors import (CheckpointWriteError, ConfigError, CorruptCheckpoint,
+                             NonFiniteSteps)
 from dgae_jax.tasks import registry
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -58,7 +59,7 @@ def main(argv) -> None:
         record = run(_CONFIG.value, _MODE.value, _WORKDIR.value)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    except (CorruptCheckpoint, NonFiniteSteps) as e:
+    except (CheckpointWriteError, CorruptCheckpoint, NonFiniteSteps) as e:
         sys.exit(f"stopped: {e}")
     if record is not None:
         print(json.dumps(record))

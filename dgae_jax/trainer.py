@@ -111,9 +111,11 @@ def _finish_saving_after_error(ckpt: checkpoint.Checkpoints, error: BaseExceptio
     try:
         ckpt.close()
     except Exception as failure:  # the original error is the one that propagates
-        logging.error("the checkpoint being saved when the run stopped (%s: %s) did not "
-                      "complete: %s", type(error).__name__, error, failure)
-        ckpt.discard_incomplete()
+        if failure is not error and failure.__cause__ is not error.__cause__:
+            logging.error("the checkpoint being saved when the run stopped (%s: %s) did not "
+                          "complete: %s", type(error).__name__, error, failure)
+    finally:
+        ckpt.discard_incomplete()  # nothing is in flight now: a temporary directory is debris
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Task,

@@ -58,6 +58,7 @@ def validate(config: ml_collections.ConfigDict, mode: str, *, workdir: str | Non
     registry.task_class(config, mode)
     if mode in WORKDIR_MODES:
         _require(bool(workdir), f"--workdir is required for --mode={mode}")
+        _writable(workdir, "--workdir")
     _training(config, device_count, process_count)
     if config.task == "autoencoder":
         _autoencoder(config)
@@ -199,6 +200,20 @@ def _ldm_diffusion(config) -> None:
     _require(2 <= d.sample_steps <= d.num_timesteps,
              f"diffusion.sample_steps={d.sample_steps} is not in [2, diffusion.num_timesteps="
              f"{d.num_timesteps}]")
+
+
+def _writable(path: str, name: str) -> None:
+    """A local directory that exists and is writable, or can be created (its nearest existing
+    ancestor is a writable directory). Bucket URLs are left to the first write."""
+    if "://" in path:
+        return
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    _require(os.path.isdir(existing), f"{name}={path!r} cannot be created: {existing!r} is not "
+             "a directory")
+    _require(os.access(existing, os.W_OK | os.X_OK),
+             f"{name}={path!r} is not writable ({existing!r} denies this user)")
 
 
 def _data(config) -> None:

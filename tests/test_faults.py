@@ -1,7 +1,10 @@
 """Faults injected into training runs: non-finite steps are skipped and counted, a streak of them
-stops the run with the last finite state checkpointed, and an error inside the loop lets the
-checkpoint in flight finish and exits with the one original error."""
+stops the run with the last finite state checkpointed; an error inside the loop lets the
+checkpoint in flight finish and exits with the one original error; a corrupt checkpoint is never
+restored; SIGKILL at any moment loses nothing; an unwritable workdir or a failed save stops in
+one line with only complete checkpoints left."""
 
+import errno
 import logging
 import os
 import queue
@@ -16,10 +19,12 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from dgae_jax import checkpoint, inference, parallel, steps, trainer
-from dgae_jax.errors import CorruptCheckpoint
+from dgae_jax.errors import CheckpointWriteError, ConfigError, CorruptCheckpoint
+from dgae_jax.validation import validate
 from fakes import SyntheticLatentTask, ldm_train_config, mesh_of
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -344,3 +349,36 @@ def test_kill_9_at_any_moment_resumes_bit_exactly(tmp_path):
                 for d in (workdir, tmp_path / "straight")]
     assert restored[0][0] == restored[1][0] == 12
     assert_same_state(restored[0][1], restored[1][1])
+
+
+def test_an_unwritable_workdir_fails_in_one_line_at_start(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    cfg = ldm_train_config()
+    cfg.cache.dir = str(tmp_path)
+    with pytest.raises(ConfigError, match=r"^--workdir='.*a_file/run' cannot be created: "
+                       r"'.*a_file' is not a directory$"):
+        validate(cfg, "train", workdir=str(blocker / "run"))
+
+
+def test_a_failed_save_stops_in_one_line_leaving_only_complete_checkpoints(tmp_path,
+                                                                           monkeypatch):
+    """The disk fills up at the save of step 4: the run stops with one error naming the save and
+    the cause; the complete checkpoint of step 2 is untouched and nothing half-written stays."""
+    save = ocp.CheckpointManager.save
+
+    def full_disk_at_4(self, step, *args, **kwargs):
+        if step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, step, *args, **kwargs)
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk_at_4)
+    cfg = ldm_train_config()
+    cfg.update(log_every=1, checkpoint_every=2)
+    with pytest.raises(CheckpointWriteError, match=r"^cannot save checkpoint 4 .* in .*"
+                       r"checkpoints: OSError: \[Errno 28\] No space left on device$"):
+        run_to(cfg, tmp_path / "run", 6)
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
+    monkeypatch.undo()
+    fns = steps.build_steps(cfg, SyntheticLatentTask(cfg), mesh_of(1, 1))
+    step, _ = checkpoint.Checkpoints(str(tmp_path / "run"), cfg).restore(fns.abstract_state)
+    assert step == 2
