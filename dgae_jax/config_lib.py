@@ -56,6 +56,8 @@ def default_data_config() -> ml_collections.ConfigDict:
         eval_size=0,                # first N eval examples (of the subset); 0 = all of them
         workers=0,                  # grain worker processes; 0 = threads in this process
         prefetch=2,                 # batches buffered ahead (threads) / per worker (processes)
+        bad_images="skip",          # unreadable images: "skip" (replace, log, count) | "error"
+        max_bad_fraction=0.001,     # "skip": stop when more of the train split is unreadable
     ))
 
 

@@ -13,6 +13,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dgae_jax import modes, parallel, validation
+from dgae_jax.data.bad_images import TooManyBadImages
+from dgae_jax.data.images import BadImage
 from dgae_jax.errors import (CheckpointWriteError, ConfigError, CorruptCheckpoint,
                              NonFiniteSteps)
 from dgae_jax.tasks import registry
@@ -59,7 +61,8 @@ def main(argv) -> None:
         record = run(_CONFIG.value, _MODE.value, _WORKDIR.value)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    except (CheckpointWriteError, CorruptCheckpoint, NonFiniteSteps) as e:
+    except (BadImage, CheckpointWriteError, CorruptCheckpoint, NonFiniteSteps,
+            TooManyBadImages) as e:
         sys.exit(f"stopped: {e}")
     if record is not None:
         print(json.dumps(record))

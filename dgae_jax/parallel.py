@@ -155,10 +155,11 @@ def replicated(mesh) -> NamedSharding:
 
 
 def global_batch(local_batch: dict, mesh) -> dict:
-    """Per-process numpy batch -> global arrays split over the batch axes of the mesh."""
+    """Per-process numpy batch -> global arrays split over the batch axes of the mesh. Text
+    fields (such as the paths of replaced images) are host metadata and stay behind."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in local_batch.items()}
+            for k, v in local_batch.items() if np.asarray(v).dtype.kind not in "USO"}
 
 
 def shard_host_batch(host_batch: dict, mesh) -> dict:

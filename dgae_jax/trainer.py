@@ -131,6 +131,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
     evaluator = task.evaluator(run)
     ckpt = checkpoint.Checkpoints(workdir, config)
     data = iter(task.train_data(jax.process_index(), jax.process_count()))
+    bad_images = task.bad_image_log(workdir, jax.process_index(), jax.process_count())
 
     if ckpt.latest_step is not None:
         step, state = ckpt.restore_intact(
@@ -151,7 +152,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
             while step < config.total_steps:
                 profile.before(step)
                 wait_start = time.time()
-                batch = parallel.global_batch(next(data), mesh)
+                local = next(data)
+                if bad_images is not None:
+                    bad_images.add(local["bad_path"])  # host strings: no device sync
+                batch = parallel.global_batch(local, mesh)
                 input_wait += time.time() - wait_start
                 if train_step is None:  # compiled once, before the first step runs
                     train_step, compile_report = compile_train_step(run_fns, model, state, batch)
@@ -165,6 +169,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
                 profile.after(step)
                 if step % config.log_every == 0 or step == config.total_steps:
                     scalars = _mean_metrics(history)
+                    if bad_images is not None:
+                        scalars["bad_images"] = bad_images.flush()
                     elapsed = time.time() - last_log[1]
                     rate = (step - last_log[0]) * config.batch_size / elapsed
                     scalars.update(images_per_sec=rate, images_per_sec_per_device=rate / n_devices,

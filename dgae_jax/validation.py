@@ -14,7 +14,7 @@ import ml_collections
 
 from dgae_jax import ddpm, diffusion
 from dgae_jax.cache import format
-from dgae_jax.data import pipeline, sources
+from dgae_jax.data import bad_images, pipeline, sources
 from dgae_jax.errors import ConfigError
 from dgae_jax.ldm import OBJECTIVES
 from dgae_jax.metrics import lpips
@@ -228,6 +228,9 @@ def _data(config) -> None:
         _require(os.path.isdir(d.dir) or "://" in d.dir,
                  f"data.dir={d.dir!r} does not exist or is not a directory")
     _one_of(d.crop, pipeline.CROPS, "data.crop")
+    _one_of(d.bad_images, bad_images.POLICIES, "data.bad_images")
+    _require(0 <= d.max_bad_fraction <= 1,
+             f"data.max_bad_fraction={d.max_bad_fraction} is not in [0, 1]")
     _require(0 < d.min_scale <= 1, f"data.min_scale={d.min_scale} is not in (0, 1]")
     _require(d.eval_size >= 0, f"data.eval_size={d.eval_size} must not be negative")
     if d.eval_subset:

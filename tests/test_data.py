@@ -65,7 +65,7 @@ def test_embedded_batches_shapes_dtypes_labels():
     batches = take(pipeline.train_dataset(make_config(batch=4)), 2)
     train = sources.EmbeddedPhotos("train")
     for b in batches:
-        assert set(b) == {"image", "label", "id"}
+        assert set(b) == {"image", "label", "id", "bad_path"} and not any(b["bad_path"])
         assert b["image"].dtype == np.uint8 and b["image"].shape == (4, 32, 32, 3)
         assert b["label"].dtype == np.int32 and b["label"].shape == (4,)
         assert b["id"].dtype == np.int64 and b["id"].shape == (4,)
@@ -281,7 +281,8 @@ def test_folder_flat_grayscale_and_rgba(tmp_path):
     src = sources.ImageFolder(tmp_path)
     assert src.labels == (0, 0)
     assert src[0]["image"].shape == (20, 30, 3) and np.all(src[0]["image"] == 7)
-    assert src[1]["image"].shape == (20, 30, 3) and np.all(src[1]["image"] == 9)
+    # RGBA(9, 9, 9, alpha 9) over white: 9 * 9 / 255 + 255 * (1 - 9 / 255) = 246.3
+    assert src[1]["image"].shape == (20, 30, 3) and np.all(src[1]["image"] == 246)
 
 
 def test_folder_unreadable_file_is_named(folder):
@@ -290,7 +291,7 @@ def test_folder_unreadable_file_is_named(folder):
     src = sources.ImageFolder(folder / "train")
     with pytest.raises(ValueError, match="broken.png"):
         src[src.paths.index(str(bad))]
-    it = iter(pipeline.train_dataset(folder_config(folder, batch=13)))
+    it = iter(pipeline.train_dataset(folder_config(folder, batch=13, bad_images="error")))
     with pytest.raises(Exception, match="broken.png"):
         next(it)
 

@@ -1,4 +1,5 @@
-"""grain train/eval streams of numpy batches {"image": uint8 BxHxWx3, "label": int32, "id": int64}.
+"""grain train/eval streams of numpy batches {"image": uint8 BxHxWx3, "label": int32, "id": int64}
+(plus `bad_path` in training and `mask`, `unreadable` in evaluation; data/bad_images.py).
 
 `id` is the example's index in the whole (unsliced) split, so tests and the trainer can prove that
 no example is lost or seen twice. Images stay uint8 here; the trainer maps them to [-1, 1] on
@@ -19,8 +20,9 @@ import functools
 import grain
 import numpy as np
 
+from dgae_jax.data import bad_images, sources
+from dgae_jax.data.images import BadImage
 from dgae_jax.errors import ConfigError
-from dgae_jax.data import sources
 
 CROPS = ("resize_random", "random_resized")
 
@@ -60,25 +62,34 @@ def augment(example: dict, rng: np.random.Generator, *, size: int, crop: str,
     if flip and rng.uniform() < 0.5:
         image = image[:, ::-1]
     return {"image": np.ascontiguousarray(image, dtype=np.uint8), "label": example["label"],
-            "id": example["id"]}
+            "id": example["id"], "bad_path": example["bad_path"]}
 
 
 def with_id(index: int, example: dict, *, length: int) -> dict:
-    """Attach the example's index in the full source (grain passes epoch-offset indices)."""
+    """Attach the example's index in the full source (grain passes epoch-offset indices) and
+    the path of the unreadable image it replaces ('' if none; data/bad_images.py)."""
     return {"image": example["image"], "label": np.int32(example["label"]),
-            "id": np.int64(index % length)}
+            "id": np.int64(index % length), "bad_path": example.get("bad_path", "")}
 
 
-def eval_example(index: int, *, source, count: int, size: int) -> dict:
-    """Eval view of example `index` (shorter side resized, centre crop), or masked padding."""
-    if index >= count:
+def eval_example(index: int, *, source, count: int, size: int, skip_bad: bool = True) -> dict:
+    """Eval view of example `index` (shorter side resized, centre crop), or masked padding; an
+    unreadable image is masked out and flagged `unreadable` (with skip_bad), else an error."""
+    try:
+        example = source[index] if index < count else None
+    except BadImage:
+        if not skip_bad:
+            raise
+        example = None
+    if example is None:
         return {"image": np.zeros((size, size, 3), np.uint8), "label": np.int32(0),
-                "id": np.int64(-1), "mask": np.bool_(False)}
-    example = source[index]
+                "id": np.int64(-1), "mask": np.bool_(False),
+                "unreadable": np.bool_(index < count)}
     image = example["image"]
     image = sources.crop_resize(image, square_box(*image.shape[:2], size), size)
     return {"image": np.ascontiguousarray(image, dtype=np.uint8),
-            "label": np.int32(example["label"]), "id": np.int64(index), "mask": np.bool_(True)}
+            "label": np.int32(example["label"]), "id": np.int64(index), "mask": np.bool_(True),
+            "unreadable": np.bool_(False)}
 
 
 # --------------------------------------------------------------------------- datasets
@@ -113,15 +124,19 @@ def _to_iter(ds: grain.MapDataset, data) -> grain.IterDataset:
     return it
 
 
-def train_dataset(config, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+def train_dataset(config, process_index: int = 0, process_count: int = 1,
+                  source=None) -> grain.IterDataset:
     """Infinite, per-epoch reshuffled, augmented batches of this process's slice of the split.
 
     Slicing before shuffling gives each process a fixed disjoint share (index p::P), so an
     epoch of all processes covers the split exactly once; the order and the augmentations are
     a function of config.seed only, so an iterator restored with set_state replays the stream.
+    `source` (default: the config's train source) lets a caller keep the source it built.
     """
     data = config.data
-    source = sources.make_source(config, "train")
+    source = sources.make_source(config, "train") if source is None else source
+    if data.bad_images == "skip":
+        source = bad_images.SkipBadImages(source)
     ds = grain.MapDataset.source(source).map_with_index(
         functools.partial(with_id, length=len(source)))
     return epoch_batches(ds, config, process_index, process_count, functools.partial(
@@ -177,5 +192,6 @@ def eval_dataset(config, process_index: int = 0, process_count: int = 1,
     ids = np.arange(total).reshape(-1, process_count, batch)[:, process_index].ravel()
     ds = grain.MapDataset.source(ids.tolist())
     ds = ds.map(functools.partial(eval_example, source=source, count=count,
-                                  size=config.image_size))
+                                  size=config.image_size,
+                                  skip_bad=config.data.bad_images == "skip"))
     return _to_iter(ds.batch(batch, drop_remainder=True), config.data)

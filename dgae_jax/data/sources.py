@@ -13,6 +13,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from dgae_jax.data.images import BadImage, decode_image_file
 from dgae_jax.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -166,7 +167,8 @@ class ImageFolder:
     The label is the index of the image's top-level sub-folder among the sorted sub-folders
     that hold at least one image (torchvision's ImageFolder convention); images lying directly
     in `root` get label 0 when there are no sub-folders, and are an error when there are (they
-    would have no class). Names starting with '.' are skipped. Decoding errors name the file.
+    would have no class). Names starting with '.' are skipped. Images are decoded by
+    images.decode_image_file (any mode to upright RGB; BadImage naming an unreadable file).
     """
 
     def __init__(self, root: str):
@@ -200,15 +202,6 @@ class ImageFolder:
         return f"ImageFolder({self.root!r}, {len(self)} images, {len(self.classes)} classes)"
 
 
-def decode_image_file(path: str) -> np.ndarray:
-    """Decode one file to uint8 RGB; any failure is an error naming the file, never a skip."""
-    try:
-        with Image.open(path) as img:
-            return to_rgb(np.asarray(img.convert("RGB")))
-    except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, ...).
-        raise ValueError(f"cannot decode image file {path!r}: {e}") from e
-
-
 # --------------------------------------------------------------------------- tfds
 
 class TfdsSource:
@@ -224,8 +217,15 @@ class TfdsSource:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
-        record = self.records[i]
-        return {"image": to_rgb(record["image"]), "label": int(record.get("label", 0))}
+        try:
+            record = self.records[i]
+            image = to_rgb(record["image"])
+        except IndexError:
+            raise
+        except Exception as error:  # a record whose image TFDS cannot decode
+            raise BadImage(f"tfds:{self.name}/{self.split}[{i}]",
+                           f"{type(error).__name__}: {error}".splitlines()[0]) from error
+        return {"image": image, "label": int(record.get("label", 0))}
 
     def __repr__(self) -> str:
         return f"TfdsSource({self.name!r}, split={self.split!r}, {len(self)} examples)"

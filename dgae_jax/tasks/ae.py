@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from dgae_jax import grids, parallel
 from dgae_jax.autoencoder import Autoencoder
-from dgae_jax.data import pipeline
+from dgae_jax.data import bad_images, pipeline, sources
 from dgae_jax.metrics import frechet
 from dgae_jax.metrics import image as image_metrics
 from dgae_jax.metrics import lpips
@@ -76,7 +76,22 @@ class AutoencoderTask:
         return model.loss_fn(params, {"image": to_signed(batch["image"])}, rng, step)
 
     def train_data(self, process_index: int, process_count: int):
-        return pipeline.train_dataset(self.config, process_index, process_count)
+        self._train_source = sources.make_source(self.config, "train")
+        return pipeline.train_dataset(self.config, process_index, process_count,
+                                      self._train_source)
+
+    def bad_image_log(self, workdir, process_index: int, process_count: int):
+        """The record of replaced training images (data.bad_images='skip'): one file per
+        process, the limit checked on the count over processes."""
+        data = self.config.data
+        if data.bad_images != "skip":
+            return None
+        name = ("bad_images.txt" if process_count == 1
+                else f"bad_images.{process_index}-of-{process_count}.txt")
+        count_all = (None if process_count == 1 else lambda n: int(np.sum(
+            multihost_utils.process_allgather(np.int64(n)))))
+        return bad_images.BadImageLog(workdir / name, len(self._train_source),
+                                      data.max_bad_fraction, count_all)
 
     def batch_spec(self, batch_size: int) -> dict:
         size = self.config.image_size
@@ -147,7 +162,9 @@ class AutoencoderEvaluator:
         seconds, timed_batches = 0.0, 0
         features = {"real": FeatureCollector(), "recon": FeatureCollector()}
         data = pipeline.eval_dataset(config, jax.process_index(), jax.process_count())
+        unreadable = 0
         for i, local in enumerate(data):
+            unreadable += int(np.sum(local["unreadable"]))
             batch = parallel.global_batch(local, run.mesh)
             rng = jax.random.fold_in(jax.random.key(config.seed), i)
             start = time.perf_counter()
@@ -172,6 +189,8 @@ class AutoencoderEvaluator:
             results["rfid"] = frechet.compare(features["real"].stats(),
                                               features["recon"].stats())["fid"]
         results["num_images"] = int(count)
+        results["unreadable_images"] = (unreadable if jax.process_count() == 1 else int(
+            np.sum(multihost_utils.process_allgather(np.int64(unreadable)))))
         results.update(settings)
         if timed:
             results["seconds_per_image"] = (seconds / (timed_batches * config.batch_size)

@@ -78,6 +78,10 @@ class Task(Protocol):
 
     def train_data(self, process_index: int, process_count: int): ...
 
+    def bad_image_log(self, workdir, process_index: int, process_count: int):
+        """After train_data: a data/bad_images.BadImageLog for batches that carry `bad_path`,
+        or None."""
+
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]: ...
 
     def describe(self, param_totals: dict[str, int]) -> dict: ...

@@ -90,6 +90,9 @@ class LatentDiffusionTask:
             functools.partial(check_label, num_classes=self.config.model.num_classes))
         return pipeline.epoch_batches(ds, self.config, process_index, process_count, op)
 
+    def bad_image_log(self, workdir, process_index: int, process_count: int):
+        return None  # latents are read from a verified cache
+
     def evaluator(self, run: Run) -> "LatentDiffusionEvaluator":
         return LatentDiffusionEvaluator(self.config, run, self.cache, self.inception_weights)
 
