@@ -26,11 +26,13 @@ from array_record.python.array_record_module import ArrayRecordReader
 from dgae_jax import checkpoint, config_lib, parallel, validation
 from dgae_jax.cache import benchmark, format, job, reader
 from dgae_jax.data import pipeline, sources
+from dgae_jax.data.images import BadImage
 from dgae_jax.errors import ConfigError
 from dgae_jax.steps import build_steps
 from dgae_jax.tasks.ae import AutoencoderTask
 
 from conftest import synthetic_state
+from test_data import write_image
 
 # configs/f16.py:demo made tiny; scalars only, so the CLI can pass them as --config.K=V.
 OVERRIDES = {"image_size": 32, "model.encoder.width": 8, "model.unet.width": 8,
@@ -345,3 +347,34 @@ def test_cli_resumes_after_sigkill_to_the_same_cache(run, tmp_path):
     np.testing.assert_allclose(manifest["stats"]["mean"], reference["stats"]["mean"],
                                rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(manifest["stats"]["std"], reference["stats"]["std"], rtol=1e-12)
+
+
+def test_unreadable_images_are_left_out_and_listed(run, tmp_path):
+    """A folder with an unreadable image: the cache has no record for its id (no substitute
+    under it), lists it in the manifest and sidecar, and the reader yields the others; with
+    data.bad_images='error' the job stops naming the file."""
+    root = tmp_path / "images"
+    for k in range(6):
+        write_image(root / "train" / "c" / f"im{k}.png", 40, 48, k)
+    (root / "train" / "c" / "im3b.png").write_bytes(b"not a png")  # id 4 in sorted order
+    cfg = demo_config(**{"data.name": "folder", "data.dir": str(root), "data.eval_split": "train",
+                         "cache.dir": str(tmp_path / "cache")})
+    cfg.cache.splits = ("train",)
+    job.cache_latents(cfg, run.workdir, run.task)
+    manifest = format.load_manifest(cfg.cache.dir)
+    entry = manifest["splits"]["train"]
+    assert entry["missing"] == [4] and entry["num_ids"] == 7 and entry["num_examples"] == 6
+    assert sum(len(s["missing"]) for s in entry["shards"]) == 1
+    records = read_all(cfg.cache.dir, "train")
+    assert [int(r["id"]) for r in records] == [0, 1, 2, 3, 5, 6]
+    source = sources.make_source(cfg, "train")
+    views = np.stack([pipeline.eval_example(i, source=source, count=7, size=32)["image"]
+                      for i in (0, 1, 2, 3, 5, 6)])
+    q = run.task.model.encode({"encoder": run.encoder}, views.astype(np.float32) / 127.5 - 1.0)
+    np.testing.assert_allclose(np.stack([r["mean"] for r in records]), q.mean, rtol=1e-2,
+                               atol=1e-3)  # stored as bfloat16
+
+    cfg.data.bad_images = "error"
+    cfg.cache.dir = str(tmp_path / "cache_error")
+    with pytest.raises(BadImage, match="im3b.png"):
+        job.cache_latents(cfg, run.workdir, run.task)

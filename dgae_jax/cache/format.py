@@ -4,28 +4,32 @@ checks its bytes. Like data/sources.py this imports no jax: it runs in grain wor
 A cache (written by `--mode=cache_latents`, cache/job.py) is one directory:
 
     <split>-<k>-of-<n>.array_record  ArrayRecord shard (WRITER_OPTIONS): the contiguous ids
-                                     [k * E, min((k + 1) * E, count)) of split <split>, in order
+                                     [k * E, min((k + 1) * E, count)) of split <split>, in order,
+                                     less the images that could not be read
                                      (E = cache.examples_per_shard; k, n with five digits)
     <split>-<k>-of-<n>.json          its sidecar, written before the shard is renamed into place
     manifest.json                    written last, by process 0: its presence means complete
     *.tmp                            files of an interrupted run, overwritten when it resumes
 
 `<split>` is the role, 'train' or 'eval' (ROLES; config.data.train_split / eval_split name the
-dataset splits), and a split's shards tile its ids, so record r of the concatenated shards is
-id r.
+dataset splits), and a split's shards tile its ids: record r of the concatenated shards is id r
+when every image could be read. An unreadable image (data/bad_images.py) gets no record (never
+another image's latents) and its id is listed as "missing"; records carry their ids.
 
 Identity (`identity`): "format" (FORMAT), "config_sha256" (`config_hash`: what fixes the latents
 of an image), "data_sha256" (of `data_identity`: what fixes the images behind the ids), the
 checkpoint "step", "dtype", "flip" and "latent_shape". Shards are combined only when all agree.
 
-Sidecar (JSON): the identity, "split", "file", the id range "start", "end", "count", the file's
-"sha256" and "bytes", and "sums": the shard's partial sums of the statistics.
+Sidecar (JSON): the identity, "split", "file", the id range "start", "end", "count" (records),
+"missing" (the unreadable ids), the file's "sha256" and "bytes", and "sums": the shard's partial
+sums of the statistics.
 
 Manifest (JSON): the identity; "encoder_config" and "data_config" (what the two hashes are of);
 "config" (the whole autoencoder config); "checkpoint" {"workdir", "step"};
 "examples_per_shard"; "record" (the record layout in one line); "splits": per role {"dataset",
-"dataset_split", "num_examples", "stats", "shards": [{"file", "start", "end", "count", "sha256",
-"bytes"}]}; "stats": the train split's statistics plus "split": "train" (null without it).
+"dataset_split", "num_ids", "num_examples" (records), "missing", "stats", "shards": [{"file",
+"start", "end", "count", "missing", "sha256", "bytes"}]}; "stats": the train split's statistics
+plus "split": "train" (null without it).
 
 Record (little-endian): a 24-byte header `HEADER` = magic b"DGL1", id int64, label int32,
 dtype code uint8 (DTYPE_CODES), array count uint8 (2, or 4 with the flipped image), latent
@@ -54,7 +58,7 @@ from etils import epath
 
 from dgae_jax.errors import ConfigError
 
-FORMAT = "dgae-latent-cache/1"
+FORMAT = "dgae-latent-cache/2"
 MANIFEST = "manifest.json"
 ROLES = ("train", "eval")
 MAGIC = b"DGL1"
@@ -259,7 +263,7 @@ def check_shards(directory, manifest: dict, split: str, verify: bool = True) -> 
             raise ConfigError(f"latent cache shard {path} is corrupted: its sha256 differs from "
                               f"the one in {MANIFEST}")
         paths.append(os.fspath(path))
-    if end != entry["num_examples"]:
+    if end != entry["num_ids"]:
         raise ConfigError(f"{directory / MANIFEST}: the {split} shards end at id {end}, "
-                          f"expected {entry['num_examples']}")
+                          f"expected {entry['num_ids']}")
     return paths

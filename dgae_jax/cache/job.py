@@ -63,8 +63,9 @@ def finished(directory: epath.Path, shard: Shard, ident: dict) -> dict | None:
 # --------------------------------------------------------------------------- encoding
 
 def _load(i: int, *, pending: list[Shard], starts: np.ndarray, split_sources: dict,
-          size: int) -> dict:
-    """Flat position i of this process's pending examples -> its eval view, or padding."""
+          size: int, skip_bad: bool) -> dict:
+    """Flat position i of this process's pending examples -> its eval view, `unreadable` (with
+    skip_bad: left out of the cache and listed), or padding."""
     if i >= starts[-1]:
         example = pipeline.eval_example(0, source=None, count=0, size=size)
         return dict(example, split=np.int32(-1))
@@ -72,7 +73,7 @@ def _load(i: int, *, pending: list[Shard], starts: np.ndarray, split_sources: di
     shard = pending[k]
     source = split_sources[shard.split]
     example = pipeline.eval_example(shard.start + i - int(starts[k]), source=source,
-                                    count=len(source), size=size)
+                                    count=len(source), size=size, skip_bad=skip_bad)
     return dict(example, split=np.int32(format.ROLES.index(shard.split)))
 
 
@@ -84,7 +85,7 @@ def example_stream(config, pending: list[Shard], split_sources: dict,
     padded = -(-int(starts[-1]) // local_batch) * local_batch
     ds = grain.MapDataset.range(padded).map(functools.partial(
         _load, pending=pending, starts=starts, split_sources=split_sources,
-        size=config.image_size))
+        size=config.image_size, skip_bad=config.data.bad_images == "skip"))
     threads = int(config.cache.read_threads)
     buffer = max(2 * local_batch, threads) if threads else 0
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer))
@@ -143,18 +144,23 @@ def write_manifest(directory: epath.Path, config, ident: dict, workdir: str,
             meta = json.loads(side.read_text())
             if any(meta[k] != v for k, v in ident.items()) or meta["start"] != end:
                 raise RuntimeError(f"{side} does not continue the {split} split at id {end}")
-            if meta["count"] != meta["end"] - meta["start"]:
-                raise RuntimeError(f"{side}: count {meta['count']} != its id range")
+            if meta["count"] + len(meta["missing"]) != meta["end"] - meta["start"]:
+                raise RuntimeError(f"{side}: count {meta['count']} and {len(meta['missing'])} "
+                                   "unreadable images do not fill its id range")
             end = meta["end"]
             sums = format.add_sums(sums, meta["sums"])
-            entries.append({k: meta[k] for k in ("file", "start", "end", "count", "sha256",
-                                                 "bytes")})
-        if end != n or sum(e["count"] for e in entries) != n:
+            entries.append({k: meta[k] for k in ("file", "start", "end", "count", "missing",
+                                                 "sha256", "bytes")})
+        missing = sorted(i for e in entries for i in e["missing"])
+        if end != n or sum(e["count"] for e in entries) + len(missing) != n:
             raise RuntimeError(f"the {split} shards cover ids [0, {end}), not [0, {n})")
+        if missing:
+            logging.warning("cache_latents: %d %s images could not be read and are left out "
+                            "(ids %s, listed in the manifest)", len(missing), split, missing[:10])
         data_split = config.data.train_split if split == "train" else config.data.eval_split
         splits[split] = {"dataset": config.data.name, "dataset_split": data_split,
-                         "num_examples": n, "stats": format.latent_stats(sums),
-                         "shards": entries}
+                         "num_ids": n, "num_examples": n - len(missing), "missing": missing,
+                         "stats": format.latent_stats(sums), "shards": entries}
         if split == "train":
             train_sums = sums
     manifest = dict(
@@ -183,7 +189,7 @@ def _complete(directory: epath.Path, ident: dict, counts: dict, config) -> dict 
         return None
     manifest = json.loads(path.read_text())
     have = {k: manifest.get(k) for k in ident} | {
-        "splits": {s: e["num_examples"] for s, e in manifest["splits"].items()},
+        "splits": {s: e["num_ids"] for s, e in manifest["splits"].items()},
         "examples_per_shard": manifest.get("examples_per_shard")}
     want = dict(ident, splits=counts, examples_per_shard=config.cache.examples_per_shard)
     if have != want:

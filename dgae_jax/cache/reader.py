@@ -19,7 +19,8 @@ MODES = ("sample", "mean")
 
 
 class LatentSource:
-    """Random access to one split of a cache: `src[i]` is the decoded record of id i, as float32
+    """Random access to one split of a cache: `src[i]` is its i-th record (of id i unless images
+    before it could not be read; the id is in "id"), as float32
     arrays (h, w, c) "mean", "logvar" [, "flip_mean", "flip_logvar"] plus "label" and "id".
 
     Opening checks the manifest (and its config hash when `expected_config` is given), that

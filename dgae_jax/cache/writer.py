@@ -43,21 +43,27 @@ class ShardWriter:
         else:
             self.local_tmp = os.path.join(tempfile.mkdtemp(prefix="dgae_cache_"), final.name)
         self.writer = ArrayRecordWriter(self.local_tmp, format.WRITER_OPTIONS)
-        self.next_id, self.sums = shard.start, None
+        self.next_id, self.sums, self.missing = shard.start, None, []
 
     @property
     def full(self) -> bool:
         return self.next_id == self.shard.end
 
-    def add(self, ids: np.ndarray, labels: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
+    def add(self, ids: np.ndarray, labels: np.ndarray, arrays: dict[str, np.ndarray],
+            unreadable: np.ndarray) -> None:
+        """The next ids in order: a record for each readable one; an unreadable image gets none
+        and is listed in the sidecar (no other image's latents ever stand in for it)."""
         want = np.arange(self.next_id, self.next_id + len(ids))
         if not np.array_equal(ids, want) or want[-1] >= self.shard.end:
             raise RuntimeError(f"shard {self.shard.name}: got ids {ids.tolist()}, expected "
                                f"{want.tolist()} within [{self.shard.start}, {self.shard.end})")
-        self.sums = format.add_sums(self.sums, format.partial_sums(arrays["mean"],
-                                                                   arrays["logvar"]))
-        stored = [arrays[k].astype(self.dtype) for k in format.FIELDS if k in arrays]
-        for j, (i, label) in enumerate(zip(ids.tolist(), labels.tolist())):
+        readable = ~unreadable
+        self.missing += ids[unreadable].tolist()
+        if readable.any():
+            self.sums = format.add_sums(self.sums, format.partial_sums(
+                arrays["mean"][readable], arrays["logvar"][readable]))
+        stored = [arrays[k][readable].astype(self.dtype) for k in format.FIELDS if k in arrays]
+        for j, (i, label) in enumerate(zip(ids[readable].tolist(), labels[readable].tolist())):
             self.writer.write(format.encode_record(i, label, [a[j] for a in stored]))
         self.next_id += len(ids)
 
@@ -68,13 +74,18 @@ class ShardWriter:
         reader = ArrayRecordReader(self.local_tmp)
         ids = [format.HEADER.unpack_from(r)[1] for r in reader.read_all()]
         reader.close()
-        if ids != list(range(s.start, s.end)):
+        missing = set(self.missing)
+        if ids != [i for i in range(s.start, s.end) if i not in missing]:
             raise RuntimeError(f"shard {s.name}: the file holds {len(ids)} records whose ids are "
-                               f"not exactly [{s.start}, {s.end}) in order")
+                               f"not exactly [{s.start}, {s.end}) less {len(missing)} unreadable "
+                               "images, in order")
+        empty = np.zeros((0, self.ident["latent_shape"][-1]), np.float32)  # all unreadable
+        sums = self.sums or format.partial_sums(empty, empty)
         meta = dict(self.ident, split=s.split, file=s.file, start=s.start, end=s.end,
-                    count=len(ids), sha256=format.file_sha256(self.local_tmp),
+                    count=len(ids), missing=self.missing,
+                    sha256=format.file_sha256(self.local_tmp),
                     bytes=os.path.getsize(self.local_tmp),
-                    sums={k: np.asarray(v).tolist() for k, v in self.sums.items()})
+                    sums={k: np.asarray(v).tolist() for k, v in sums.items()})
         format.write_json(self.directory / s.sidecar, meta)
         final = self.directory / s.file
         if _is_local(self.directory):
@@ -112,7 +123,8 @@ class Writer:
 
     def put(self, outputs: dict, meta: dict) -> None:
         """Enqueues one batch: device `outputs` (posteriors) and the host `meta` of its rows
-        ("id", "label", "split" as an index into ROLES, "mask" False for padding)."""
+        ("id", "label", "split" as an index into ROLES, "mask" False for padding and
+        unreadable images, "unreadable")."""
         if self.error is not None:
             raise RuntimeError("the latent writer thread failed") from self.error
         self.queue.put((outputs, meta))
@@ -135,8 +147,9 @@ class Writer:
 
     def _write(self, outputs: dict, meta: dict) -> None:
         host = jax.device_get(outputs)
-        keep = np.flatnonzero(meta["mask"])
+        keep = np.flatnonzero(meta["mask"] | meta["unreadable"])
         ids, labels, roles = meta["id"][keep], meta["label"][keep], meta["split"][keep]
+        unreadable = meta["unreadable"][keep]
         arrays = {k: np.asarray(v)[keep] for k, v in host.items()}
         pos = 0
         while pos < len(keep):
@@ -149,7 +162,8 @@ class Writer:
             part = slice(pos, pos + min(shard.end - self.current.next_id, len(keep) - pos))
             if np.any(roles[part] != format.ROLES.index(shard.split)):
                 raise RuntimeError(f"rows of another split reached shard {shard.name}")
-            self.current.add(ids[part], labels[part], {k: v[part] for k, v in arrays.items()})
+            self.current.add(ids[part], labels[part], {k: v[part] for k, v in arrays.items()},
+                             unreadable[part])
             pos = part.stop
             if self.current.full:
                 self.current.finish()

@@ -81,9 +81,9 @@ def eval_example(index: int, *, source, count: int, size: int, skip_bad: bool = 
         if not skip_bad:
             raise
         example = None
-    if example is None:
+    if example is None:  # padding (id -1), or an unreadable image (its own id)
         return {"image": np.zeros((size, size, 3), np.uint8), "label": np.int32(0),
-                "id": np.int64(-1), "mask": np.bool_(False),
+                "id": np.int64(index if index < count else -1), "mask": np.bool_(False),
                 "unreadable": np.bool_(index < count)}
     image = example["image"]
     image = sources.crop_resize(image, square_box(*image.shape[:2], size), size)
