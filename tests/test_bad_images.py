@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from dgae_jax import trainer
-from dgae_jax.data import bad_images, pipeline
+from dgae_jax.data import bad_images, pipeline, sources
 from dgae_jax.data.images import BadImage, decode_image_file
 from fakes import SyntheticLatentTask, ldm_train_config, mesh_of
 from test_data import folder_config, take, write_image
@@ -161,3 +161,27 @@ def test_the_trainer_records_replaced_images(tmp_path):
     trainer.train_and_evaluate(cfg, str(tmp_path), TaskWithBadImages(cfg), mesh_of(1, 1))
     listed = (tmp_path / "bad_images.txt").read_text().split()
     assert sorted(listed) == ["/data/3", "/data/7"]
+
+
+def test_a_tfds_record_that_cannot_be_decoded_is_a_bad_image():
+    class Records:  # what tfds.data_source returns: random access that decodes on read
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            if i == 1:
+                raise RuntimeError("Invalid JPEG data or crop window\nmore detail")
+            if i >= 2:
+                raise IndexError(i)
+            return {"image": np.zeros((5, 6, 1), np.uint8), "label": 3}
+
+    source = sources.TfdsSource(Records(), "imagenet2012", "train")
+    assert source[0]["image"].shape == (5, 6, 3) and source[0]["label"] == 3
+    with pytest.raises(BadImage, match=r"^cannot decode image 'tfds:imagenet2012/train\[1\]': "
+                       r"RuntimeError: Invalid JPEG data or crop window$"):
+        source[1]
+    with pytest.raises(IndexError):
+        source[2]
+    skipping = bad_images.SkipBadImages(source)
+    assert skipping[1]["bad_path"] == "tfds:imagenet2012/train[1]"
+    assert skipping[0]["bad_path"] == ""
