@@ -20,18 +20,18 @@ def mesh_of(data, fsdp):
     return parallel.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp)), devices)
 
 
-class RecordingIterator(grain.DatasetIterator):
-    """Records the ids of the batches the trainer consumes; optionally sends SIGTERM."""
+class HookedIterator(grain.DatasetIterator):
+    """Hands out the inner iterator's batches, calling `hook(count, batch)` on each (count from
+    1); its state is the inner iterator's, so checkpoints and resumes see the real stream."""
 
-    def __init__(self, inner, log, signal_at=None):
+    def __init__(self, inner, hook):
         super().__init__(inner)
-        self._inner, self._log, self._signal_at = inner, log, signal_at
+        self._inner, self._hook, self._count = inner, hook, 0
 
     def __next__(self):
         batch = next(self._inner)
-        self._log.append(batch["id"].tolist())
-        if len(self._log) == self._signal_at:
-            os.kill(os.getpid(), signal.SIGTERM)
+        self._count += 1
+        self._hook(self._count, batch)
         return batch
 
     def get_state(self):
@@ -39,6 +39,16 @@ class RecordingIterator(grain.DatasetIterator):
 
     def set_state(self, state):
         self._inner.set_state(state)
+
+
+class HookedStream:
+    """A task's train_data result whose every iterator is a HookedIterator."""
+
+    def __init__(self, dataset, hook):
+        self.dataset, self.hook = dataset, hook
+
+    def __iter__(self):
+        return HookedIterator(iter(self.dataset), self.hook)
 
 
 def recording(task_cls):
@@ -50,14 +60,11 @@ def recording(task_cls):
             self.log, self.signal_at = [], signal_at
 
         def train_data(self, process_index, process_count):
-            dataset = super().train_data(process_index, process_count)
-            task = self
-
-            class Stream:
-                def __iter__(self):
-                    return RecordingIterator(iter(dataset), task.log, task.signal_at)
-
-            return Stream()
+            def record(count, batch):
+                self.log.append(batch["id"].tolist())
+                if len(self.log) == self.signal_at:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            return HookedStream(super().train_data(process_index, process_count), record)
 
     return Recording
 

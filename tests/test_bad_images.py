@@ -155,6 +155,7 @@ class TaskWithBadImages(SyntheticLatentTask):
         return bad_images.BadImageLog(workdir / "bad_images.txt", 24, 0.1)
 
 
+@pytest.mark.slow
 def test_the_trainer_records_replaced_images(tmp_path):
     cfg = ldm_train_config()
     cfg.update(total_steps=6, log_every=3)

@@ -15,7 +15,6 @@ import textwrap
 import threading
 import time
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +24,7 @@ import pytest
 from dgae_jax import checkpoint, inference, parallel, steps, trainer
 from dgae_jax.errors import CheckpointWriteError, ConfigError, CorruptCheckpoint
 from dgae_jax.validation import validate
-from fakes import SyntheticLatentTask, ldm_train_config, mesh_of
+from fakes import HookedStream, SyntheticLatentTask, ldm_train_config, mesh_of
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -100,7 +99,7 @@ SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
 from dgae_jax import trainer
-from fakes import SyntheticLatentTask, ldm_train_config, mesh_of
+from fakes import HookedStream, SyntheticLatentTask, ldm_train_config, mesh_of
 from test_faults import FailingData, PoisonedTask
 
 cfg = ldm_train_config()
@@ -111,41 +110,22 @@ trainer.train_and_evaluate(cfg, {workdir!r}, task, mesh_of(1, 1))
 
 
 class FailingData(SyntheticLatentTask):
-    """The synthetic DiT task whose data stream raises while preparing batch `fail_at`."""
+    """The synthetic DiT task whose data stream raises at batch `fail_at`."""
 
     def __init__(self, config, fail_at):
         super().__init__(config)
         self.fail_at = fail_at
 
     def train_data(self, process_index, process_count):
-        batches = super().train_data(process_index, process_count)
-        fail_at = self.fail_at
-
-        class Failing(grain.DatasetIterator):
-            def __init__(self):
-                self.inner, self.count = iter(batches), 0
-                super().__init__(self.inner)
-
-            def __next__(self):
-                self.count += 1
-                if self.count == fail_at:
-                    raise OSError(f"cannot read shard 7 (batch {self.count})")
-                return next(self.inner)
-
-            def get_state(self):
-                return self.inner.get_state()
-
-            def set_state(self, state):
-                self.inner.set_state(state)
-
-        class Stream:
-            def __iter__(self):
-                return Failing()
-        return Stream()
+        def fail(count, batch):
+            if count == self.fail_at:
+                raise OSError(f"cannot read shard 7 (batch {count})")
+        return HookedStream(super().train_data(process_index, process_count), fail)
 
 
 @pytest.mark.parametrize("task,error,checkpoints", [
-    ("PoisonedTask(cfg, range(2, 99))", "NonFiniteSteps: steps 3-3 all had", ["2"]),
+    pytest.param("PoisonedTask(cfg, range(2, 99))", "NonFiniteSteps: steps 3-3 all had", ["2"],
+                 marks=pytest.mark.slow),
     ("FailingData(cfg, fail_at=5)", "OSError: cannot read shard 7 (batch 5)", ["2", "4"]),
 ])
 def test_an_error_in_the_loop_exits_with_it_alone_and_keeps_the_saved_checkpoint(
@@ -190,7 +170,8 @@ def assert_same_state(got, want):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("damage", ["flip state data", "delete ema file"])
+@pytest.mark.parametrize("damage", ["flip state data",
+                                    pytest.param("delete ema file", marks=pytest.mark.slow)])
 def test_a_corrupt_checkpoint_is_never_restored(tmp_path, damage, caplog):
     """The newest checkpoint damaged: training falls back to the previous one (moved aside, never
     deleted) and ends bit-equal to an uninterrupted run; without fallback it stops in one line;
@@ -235,31 +216,11 @@ def test_a_corrupt_checkpoint_is_never_restored(tmp_path, damage, caplog):
 
 class NarratedTask(SyntheticLatentTask):
     """The synthetic DiT task telling a watching test what it does: `BATCH i` as batch i is
-    taken, `EVAL step` as an evaluation starts (which then lasts a moment)."""
+    handed out, `EVAL step` as an evaluation starts (which then lasts a moment)."""
 
     def train_data(self, process_index, process_count):
-        batches = super().train_data(process_index, process_count)
-
-        class Narrated(grain.DatasetIterator):
-            def __init__(self):
-                self.inner, self.count = iter(batches), 0
-                super().__init__(self.inner)
-
-            def __next__(self):
-                self.count += 1
-                print(f"BATCH {self.count}", flush=True)
-                return next(self.inner)
-
-            def get_state(self):
-                return self.inner.get_state()
-
-            def set_state(self, state):
-                self.inner.set_state(state)
-
-        class Stream:
-            def __iter__(self):
-                return Narrated()
-        return Stream()
+        return HookedStream(super().train_data(process_index, process_count),
+                            lambda count, batch: print(f"BATCH {count}", flush=True))
 
     def evaluator(self, run):
         class Slow:

@@ -349,6 +349,7 @@ def test_cli_resumes_after_sigkill_to_the_same_cache(run, tmp_path):
     np.testing.assert_allclose(manifest["stats"]["std"], reference["stats"]["std"], rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_unreadable_images_are_left_out_and_listed(run, tmp_path):
     """A folder with an unreadable image: the cache has no record for its id (no substitute
     under it), lists it in the manifest and sidecar, and the reader yields the others; with
