@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from dgae_jax import inference, parallel
+from dgae_jax import parallel
 from dgae_jax.cache import job
 from dgae_jax.data import pipeline, sources
 
@@ -34,8 +34,7 @@ def benchmark(config, workdir: str, task) -> dict:
     temporary directory) next to the jitted encoder alone on one device-resident batch, both at
     `cache.batch_size` and without the first (compiling) batch. The encoder alone is timed
     before and after the job and averaged, so a drifting load on a shared host biases neither."""
-    step = inference.resolve_step(config, workdir, config.cache.step, "cache.step")
-    params = job.restore_encoder(config, workdir, step)
+    step, params = job.restore_encoder(config, workdir, config.cache.step)
     n, batch = config.cache.benchmark, config.cache.batch_size
     source = Cycled(sources.cache_source(config, "train"), n)
     mesh = job.local_mesh()
@@ -60,7 +59,7 @@ def benchmark(config, workdir: str, task) -> dict:
     bench.cache.splits = ("train",)
     with tempfile.TemporaryDirectory(prefix="dgae_cache_bench_") as tmp:
         start = time.time()
-        record = job.run_job(bench, workdir, task.model, step, lambda: params, epath.Path(tmp),
+        record = job.run_job(bench, workdir, task.model, step, params, epath.Path(tmp),
                              {"train": source}, mesh, encode)
         total_s = time.time() - start
         size = sum(os.path.getsize(p) for p in epath.Path(tmp).glob("*.array_record"))

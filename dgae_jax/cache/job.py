@@ -117,15 +117,18 @@ def make_encoder(model, mesh: jax.sharding.Mesh, flip: bool) -> Callable:
     return jax.jit(encode, out_shardings=parallel.batch_sharding(mesh))
 
 
-def restore_encoder(config: ml_collections.ConfigDict, workdir: str, step: int) -> dict:
-    """The EMA encoder parameters of checkpoint `step` as host numpy arrays (only the EMA item is
-    read, onto the config's mesh, then gathered to every process)."""
+def restore_encoder(config: ml_collections.ConfigDict, workdir: str,
+                    step: int | None) -> tuple[int, dict]:
+    """(step, the EMA encoder parameters of checkpoint `step` as host numpy arrays): only the
+    EMA item is read, verified, onto the config's mesh, then gathered to every process. Without
+    a step, the newest intact checkpoint (a corrupt newer one is logged and skipped)."""
     mesh = parallel.make_mesh(config.mesh)
-    _, _, ema = inference.load_autoencoder(config, workdir, mesh, step, field="cache.step")
+    step, _, ema = inference.load_autoencoder(config, workdir, mesh, step, field="cache.step")
+    logging.info("cache_latents: the EMA encoder of step %d from %s", step, workdir)
     encoder = ema["encoder"]
     if jax.process_count() == 1:
-        return jax.device_get(encoder)
-    return multihost_utils.process_allgather(encoder, tiled=True)
+        return step, jax.device_get(encoder)
+    return step, multihost_utils.process_allgather(encoder, tiled=True)
 
 
 # --------------------------------------------------------------------------- manifest
@@ -201,11 +204,10 @@ def _complete(directory: epath.Path, ident: dict, counts: dict, config) -> dict 
 
 # --------------------------------------------------------------------------- the job
 
-def run_job(config, workdir: str, model, step: int, load_params, directory: epath.Path,
+def run_job(config, workdir: str, model, step: int, params: dict, directory: epath.Path,
             split_sources: dict, mesh: jax.sharding.Mesh, encode: Callable) -> dict:
-    """Encodes and writes this process's unfinished shards, then (process 0) the manifest.
-    `load_params()` gives the encoder parameters; it is called (by every process: restoring is
-    collective) only when some shard is left to write. `encode` is `make_encoder(model, mesh,
+    """Encodes and writes this process's unfinished shards with the encoder `params` of
+    checkpoint `step`, then (process 0) the manifest. `encode` is `make_encoder(model, mesh,
     config.cache.flip)`."""
     counts = {s: len(split_sources[s]) for s in config.cache.splits}
     for split, n in counts.items():
@@ -226,9 +228,6 @@ def run_job(config, workdir: str, model, step: int, load_params, directory: epat
     logging.info("cache_latents: %d shards in all, %d for this process, %d of them to write",
                  len(shards), len(mine), len(pending))
     rate = 0.0
-    left = (len(pending) if jax.process_count() == 1 else
-            int(np.sum(multihost_utils.process_allgather(np.int32(len(pending))))))
-    params = load_params() if left else None
     if pending:
         local_batch = config.cache.batch_size // jax.process_count()
         params = jax.device_put(params, parallel.replicated(mesh))
@@ -247,14 +246,9 @@ def run_job(config, workdir: str, model, step: int, load_params, directory: epat
 
 def cache_latents(config: ml_collections.ConfigDict, workdir: str, task) -> dict:
     """`--mode=cache_latents`: the cache in `cache.dir` (benchmark.py times it instead)."""
-    step = inference.resolve_step(config, workdir, config.cache.step, "cache.step")
     split_sources = {s: sources.cache_source(config, s) for s in config.cache.splits}
-
-    def load_params():
-        logging.info("cache_latents: restoring the EMA encoder of step %d from %s", step, workdir)
-        return restore_encoder(config, workdir, step)
-
+    step, params = restore_encoder(config, workdir, config.cache.step)
     mesh = local_mesh()
-    return run_job(config, workdir, task.model, step, load_params,
+    return run_job(config, workdir, task.model, step, params,
                    checkpoint.run_directory(config.cache.dir), split_sources, mesh,
                    make_encoder(task.model, mesh, config.cache.flip))
