@@ -233,8 +233,8 @@ def test_two_processes_checkpoint_and_resume_exactly(autoencoder, tmp_path):
     paths_b, leaves_b = zip(*jax.tree_util.tree_leaves_with_path(b))
     assert paths_a == paths_b
     assert {jax.tree_util.keystr(p[:1]) for p in paths_a} == {
-        "['ema']", "['opt_state']", "['params']", "['rng']", "['step']"}
-    for path, x, y in zip(paths_a, leaves_a, leaves_b):  # params, EMA, optimiser, step, RNG
+        "['ema']", "['nonfinite']", "['opt_state']", "['params']", "['rng']", "['step']"}
+    for path, x, y in zip(paths_a, leaves_a, leaves_b):  # everything the state holds
         np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
     # The resumed run really trained: its parameters and EMA moved since step 1.
     before = saved_state(resumed, 1)
