@@ -101,8 +101,8 @@ def _check_nonfinite(state: State, step: int, limit: int) -> None:
     if streak >= limit:
         raise NonFiniteSteps(
             f"steps {step - streak + 1}-{step} all had a non-finite loss or gradient "
-            f"(max_nonfinite_steps={limit}); none was applied, so the state and the newest "
-            "checkpoint are those of the last finite step")
+            f"(max_nonfinite_steps={limit}); none was applied: the parameters, optimiser state "
+            "and EMA, and any checkpoint saved since, are those of the last finite step")
 
 
 def _finish_saving_after_error(ckpt: checkpoint.Checkpoints, error: BaseException) -> None:
@@ -111,7 +111,8 @@ def _finish_saving_after_error(ckpt: checkpoint.Checkpoints, error: BaseExceptio
     try:
         ckpt.close()
     except Exception as failure:  # the original error is the one that propagates
-        if failure is not error and failure.__cause__ is not error.__cause__:
+        cause = failure.__cause__
+        if failure is not error and (cause is None or cause is not error.__cause__):
             logging.error("the checkpoint being saved when the run stopped (%s: %s) did not "
                           "complete: %s", type(error).__name__, error, failure)
     finally:
