@@ -8,6 +8,10 @@ because the multiplier is odd, and sum of fmix32(bits ^ fmix32(index)) (MurmurHa
 finaliser). Integer sums are exact and order-free, so every device reduces its own shards and one
 all-reduce of 8 bytes per array combines them: the cost scales with the pod, and a checkpoint
 saved on one mesh verifies on another.
+
+Arrays already in this process's host memory (numpy, or CPU arrays this process holds whole)
+are summed by numpy instead, to the same values (tested): no compile of a function over
+hundreds of arrays, which on a CPU costs more than the sums themselves.
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 _UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
 
-def _fmix32(h: jax.Array) -> jax.Array:
+def _fmix32(h):
+    """MurmurHash3's finaliser of uint32 values (jax or numpy arrays: both wrap)."""
     h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x85EBCA6B)
+    h = h * np.uint32(0x85EBCA6B)
     h = h ^ (h >> 13)
-    h = h * jnp.uint32(0xC2B2AE35)
+    h = h * np.uint32(0xC2B2AE35)
     return h ^ (h >> 16)
 
 
@@ -67,16 +72,42 @@ def _jitted(out_sharding) -> Any:
     return jax.jit(lambda tree: jax.tree.map(array_checksum, tree), out_shardings=out_sharding)
 
 
+def host_checksum(x: np.ndarray) -> list[int]:
+    """`array_checksum` computed by numpy on the host."""
+    x = np.ascontiguousarray(x)
+    if x.dtype == np.bool_:
+        bits = x.astype(np.uint32).ravel()
+    elif x.dtype.itemsize == 8:
+        words = x.view(np.uint32).reshape(-1, 2)
+        bits = words[:, 0] ^ _fmix32(words[:, 1])
+    else:
+        bits = x.view(np.dtype(f"uint{8 * x.dtype.itemsize}")).astype(np.uint32).ravel()
+    index = np.arange(bits.size, dtype=np.uint64).astype(np.uint32)  # mod 2**32, as on device
+    weighted = np.sum(bits * (index * np.uint32(2) + np.uint32(1)), dtype=np.uint32)
+    mixed = np.sum(_fmix32(bits ^ _fmix32(index)), dtype=np.uint32)
+    return [int(weighted), int(mixed)]
+
+
+def _on_host(x) -> bool:
+    return isinstance(x, np.ndarray) or (
+        isinstance(x, jax.Array) and x.is_fully_addressable
+        and all(d.platform == "cpu" for d in x.devices()))
+
+
 def tree_checksums(tree: Any) -> dict[str, list[int]]:
     """{array path: [two uint32]} of every array in `tree`, the same on every process."""
-    leaves = jax.tree.leaves(tree)
-    sharding = getattr(leaves[0], "sharding", None) if leaves else None
-    replicated = (NamedSharding(sharding.mesh, PartitionSpec())
-                  if isinstance(sharding, NamedSharding) else None)
-    sums = _jitted(replicated)(tree)
-    flat, _ = jax.tree_util.tree_flatten_with_path(sums)
-    return {jax.tree_util.keystr(path): [int(v) for v in np.asarray(s.addressable_data(0))]
-            for path, s in flat}
+    flat = [(jax.tree_util.keystr(path), x)
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    out = {key: host_checksum(np.asarray(x)) for key, x in flat if _on_host(x)}
+    device = [(key, x) for key, x in flat if key not in out]
+    if device:
+        sharding = device[0][1].sharding
+        replicated = (NamedSharding(sharding.mesh, PartitionSpec())
+                      if isinstance(sharding, NamedSharding) else None)
+        sums = _jitted(replicated)([x for _, x in device])
+        out.update({key: [int(v) for v in np.asarray(s.addressable_data(0))]
+                    for (key, _), s in zip(device, sums)})
+    return {key: out[key] for key, _ in flat}
 
 
 def mismatches(saved: dict[str, list[int]], tree: Any) -> list[str]:
