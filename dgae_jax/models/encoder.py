@@ -15,8 +15,10 @@ class Encoder(nnx.Module):
     """Image (B, H, W, 3) -> posterior moments (B, H/f, W/f, 2c), f = 2**(len(channel_mult)-1).
 
     Each level has `num_res_blocks` ResBlocks (attention after each where the feature map is in
-    `attn_resolutions`) and a stride-2 conv except the last; then a ResBlock-attention-ResBlock
-    middle, GroupNorm-SiLU-conv to 2c channels, and SD-VAE's 1x1 `quant_conv`.
+    `attn_resolutions`) and a stride-2 conv except the last (padded on the bottom/right only, as
+    in SD-VAE, so that its weights reproduce it; see `Downsample`); then a
+    ResBlock-attention-ResBlock middle, GroupNorm-SiLU-conv to 2c channels, and SD-VAE's 1x1
+    `quant_conv`.
     """
 
     def __init__(self, *, resolution: int, latent_channels: int, width: int,
@@ -32,7 +34,8 @@ class Encoder(nnx.Module):
                 blocks.append(ResBlock(ch, width * mult, **kw))
                 ch = width * mult
                 attns.append(Attention(ch, **kw) if res in attn_resolutions else None)
-            down = Downsample(ch, dtype=dtype, rngs=rngs) if i < len(channel_mult) - 1 else None
+            down = (Downsample(ch, dtype=dtype, rngs=rngs, pad_bottom_right=True)
+                    if i < len(channel_mult) - 1 else None)
             levels.append(nnx.Dict(blocks=nnx.List(blocks), attns=nnx.List(attns), down=down))
             res //= 2 if down is not None else 1
         self.levels = nnx.List(levels)

@@ -103,10 +103,20 @@ def blocks_with_attention(blocks, attns, h: jax.Array) -> jax.Array:
 
 
 class Downsample(nnx.Module):
-    """Stride-2 3x3 conv (ADM `conv_resample=True`, SD-VAE `with_conv=True`)."""
+    """Stride-2 3x3 conv (ADM `conv_resample=True`, SD-VAE `with_conv=True`).
 
-    def __init__(self, channels: int, *, dtype, rngs: nnx.Rngs):
-        self.conv = conv(channels, channels, 3, dtype, rngs, stride=2)
+    ADM pads 1 on every side. SD-VAE's encoder pads 0 on the top/left and 1 on the bottom/right,
+    then convolves unpadded (CompVis latent-diffusion `Downsample`, diffusers `Downsample2D` with
+    padding=0): `pad_bottom_right=True`. Both halve an even size with the same parameters, but
+    sample at positions one pixel apart, so SD-VAE's weights reproduce SD-VAE only with its form.
+    """
+
+    def __init__(self, channels: int, *, dtype, rngs: nnx.Rngs, pad_bottom_right: bool = False):
+        if pad_bottom_right:
+            self.conv = nnx.Conv(channels, channels, (3, 3), strides=2, padding=((0, 1), (0, 1)),
+                                 dtype=dtype, rngs=rngs)
+        else:
+            self.conv = conv(channels, channels, 3, dtype, rngs, stride=2)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.conv(x)
