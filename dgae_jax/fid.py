@@ -26,20 +26,18 @@ import dataclasses
 import json
 import math
 import os
-import time
 import zipfile
 from concurrent import futures
 
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from dgae_jax import parallel
+from dgae_jax import parallel, progress
 from dgae_jax.data import pipeline, sources
-from dgae_jax.metrics import frechet
+from dgae_jax.metrics import frechet, inception_convert
 from dgae_jax.metrics.features import FeatureCollector, InceptionFeatures
-from dgae_jax.models import inception
 
 _SAVE_STATS = flags.DEFINE_string("save_stats", None, "Write the statistics of A to this .npz.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Global batch of images per Inception call.")
@@ -187,7 +185,8 @@ def embed(images, extractor: InceptionFeatures, batch_size: int) -> FeatureColle
     largest = max(b - a for a, b in (process_range(len(images), p)
                                      for p in range(jax.process_count())))
     steps = -(-largest // local)
-    collector, pending, began = FeatureCollector(), None, time.time()
+    collector, pending = FeatureCollector(), None
+    meter = progress.bar(stop - start, "inception features")
     for i in range(steps):
         lo, hi = min(start + i * local, stop), min(start + (i + 1) * local, stop)
         chunk = np.zeros((local, *images.image_shape), np.uint8)
@@ -198,12 +197,10 @@ def embed(images, extractor: InceptionFeatures, batch_size: int) -> FeatureColle
         if pending is not None:
             collector.add(*pending)
         pending = (features, batch["mask"])
-        if (i + 1) % 10 == 0:
-            done = (i + 1) * batch_size
-            logging.info("embedded %d / %d images (%.1f images/s)", min(done, len(images)),
-                         len(images), done / (time.time() - began))
+        meter.update(hi - lo)
     if pending is not None:
         collector.add(*pending)
+    meter.close()
     return collector
 
 
@@ -243,7 +240,7 @@ def evaluate(spec_a: str, spec_b: str | None = None, *, save_stats: str | None =
     extractor = None
     if any(embedded):
         mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
-        extractor = InceptionFeatures(mesh, inception.load_weights(weights))
+        extractor = InceptionFeatures(mesh, inception_convert.load_or_convert(weights))
     stats, pools = [], []
     for item, embed_it in zip(inputs, embedded):
         collected = embed(item.images, extractor, batch_size) if embed_it else None

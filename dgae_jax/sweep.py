@@ -19,6 +19,7 @@ import json
 
 from absl import logging
 
+from dgae_jax import progress
 from dgae_jax.tasks.base import Run
 
 # What `seconds_per_image` measures, written next to the rows.
@@ -47,16 +48,18 @@ def settings(config) -> list[dict]:
 def sweep(run: Run, evaluator, params, step: int) -> dict:
     """Evaluates `params` at every setting of `run.config`'s grid; process 0 writes the JSON and
     the plot. Returns {'step', 'rows', 'json', 'png', 'timing'}."""
-    rows = []
-    for s in settings(run.config):
-        results = evaluator.evaluate(params, step, steps=s["steps"], sampler=s["sampler"],
-                                     spacing=s["spacing"], grid=False, timed=True)
-        row = {**s, "nfe": nfe(s["steps"], s["sampler"])}
-        row.update({k: results[k] for k in ("psnr", "ssim", "lpips", "rfid") if k in results})
-        row["seconds_per_image"] = results["seconds_per_image"]
-        row["num_images"] = results["num_images"]
-        logging.info("sweep of step %d: %s", step, row)
-        rows.append(row)
+    rows, grid = [], settings(run.config)
+    with progress.bar(len(grid), "sweep", unit="setting") as meter:
+        for s in grid:
+            results = evaluator.evaluate(params, step, steps=s["steps"], sampler=s["sampler"],
+                                         spacing=s["spacing"], grid=False, timed=True)
+            row = {**s, "nfe": nfe(s["steps"], s["sampler"])}
+            row.update({k: results[k] for k in ("psnr", "ssim", "lpips", "rfid") if k in results})
+            row["seconds_per_image"] = results["seconds_per_image"]
+            row["num_images"] = results["num_images"]
+            logging.info("sweep of step %d: %s", step, row)
+            rows.append(row)
+            meter.update(1)
     directory = run.workdir / "eval"
     json_path, png_path = directory / f"sweep-{step}.json", directory / f"sweep-{step}.png"
     record = {"step": step, "rows": rows, "json": str(json_path), "png": str(png_path),

@@ -9,7 +9,6 @@ file under its final name is always complete and described by its sidecar.
 
 from __future__ import annotations
 
-import datetime
 import os
 import queue
 import tempfile
@@ -22,6 +21,7 @@ from absl import logging
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 from etils import epath
 
+from dgae_jax import progress
 from dgae_jax.cache import format
 from dgae_jax.cache.format import Shard
 
@@ -101,8 +101,8 @@ class ShardWriter:
 
 class Writer:
     """The writer thread: fetches encoded batches, writes them into this process's pending
-    shards in order, finishes shards and logs progress. The device loop only enqueues (a bounded
-    queue: at most `depth` batches in flight)."""
+    shards in order, finishes shards and shows progress (progress.py). The device loop only
+    enqueues (a bounded queue: at most `depth` batches in flight)."""
 
     def __init__(self, directory, pending: list[Shard], ident: dict, config, depth: int = 3):
         self.directory, self.ident, self.config = directory, ident, config
@@ -118,6 +118,7 @@ class Writer:
         self.last_time = None
 
     def __enter__(self):
+        self.meter = progress.bar(self.total, "cache_latents")
         self.thread.start()
         return self
 
@@ -132,6 +133,7 @@ class Writer:
     def __exit__(self, exc_type, exc, tb):
         self.queue.put(None)
         self.thread.join()
+        self.meter.close()
         if exc_type is None and self.error is not None:
             raise RuntimeError("the latent writer thread failed") from self.error
         if exc_type is None and (self.current is not None or next(self.shards, None)):
@@ -174,12 +176,7 @@ class Writer:
         self.last_time = time.time()
         if self.first is None:
             self.first = (self.last_time, self.images)
-        if self.batches % self.config.cache.log_every == 0 or self.images == self.total:
-            rate = self.rate()
-            eta = (self.total - self.images) / rate if rate else float("nan")
-            logging.info("cache_latents: %d / %d images (%.1f%%), %.1f images/s, ETA %s",
-                         self.images, self.total, 100 * self.images / max(1, self.total), rate,
-                         datetime.timedelta(seconds=round(eta)) if np.isfinite(eta) else "?")
+        self.meter.update(len(keep))
 
     def rate(self) -> float:
         """Images/s after the first batch (which includes compilation)."""
