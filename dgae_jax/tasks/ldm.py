@@ -20,15 +20,14 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from dgae_jax import grids, inference, parallel
+from dgae_jax import grids, inference, parallel, progress
 from dgae_jax.autoencoder import Autoencoder
 from dgae_jax.cache import reader
 from dgae_jax.data import pipeline, sources
 from dgae_jax.errors import ConfigError
 from dgae_jax.ldm import LatentDiffusion
-from dgae_jax.metrics import frechet, image as image_metrics
+from dgae_jax.metrics import frechet, image as image_metrics, inception_convert
 from dgae_jax.metrics.features import FeatureCollector, InceptionFeatures
-from dgae_jax.models import inception
 from dgae_jax.tasks.base import Run
 
 
@@ -59,7 +58,7 @@ class LatentDiffusionTask:
                               f"latent_channels={config.model.latent_channels} do not match the "
                               f"cache's latents {shape}")
         if config.eval.fid_samples and mode in ("train", "eval"):
-            self.inception_weights = inception.load_weights(config.eval.inception_weights or None)
+            self.inception_weights = inception_convert.load_or_convert(config.eval.inception_weights or None)
 
     @staticmethod
     def init_params(model: LatentDiffusion, rng: jax.Array):
@@ -89,6 +88,9 @@ class LatentDiffusionTask:
         ds = grain.MapDataset.source(self.cache).map(
             functools.partial(check_label, num_classes=self.config.model.num_classes))
         return pipeline.epoch_batches(ds, self.config, process_index, process_count, op)
+
+    def pretrained_params(self) -> dict:
+        return {}
 
     def bad_image_log(self, workdir, process_index: int, process_count: int):
         return None  # latents are read from a verified cache
@@ -122,15 +124,17 @@ class LatentDiffusionEvaluator:
         """uint8 images for `labels` (every process passes the same labels), in batches of
         batch_size; yields (global image batch, global mask) pairs."""
         batch = self.config.batch_size
-        for i, start in enumerate(range(0, len(labels), batch)):
-            real = labels[start:start + batch]
-            padded = np.zeros(batch, np.int32)
-            padded[:len(real)] = real
-            host = {"label": padded, "mask": np.arange(batch) < len(real)}
-            device = parallel.shard_host_batch(host, self.run.mesh)
-            rng = jax.random.fold_in(jax.random.key(seed), i)
-            yield (self._generate(self.run.model, params, self.ae, self.ae_params,
-                                  device["label"], rng), device["mask"])
+        with progress.bar(len(labels), "sample", quiet=len(labels) <= batch) as meter:
+            for i, start in enumerate(range(0, len(labels), batch)):
+                real = labels[start:start + batch]
+                padded = np.zeros(batch, np.int32)
+                padded[:len(real)] = real
+                host = {"label": padded, "mask": np.arange(batch) < len(real)}
+                device = parallel.shard_host_batch(host, self.run.mesh)
+                rng = jax.random.fold_in(jax.random.key(seed), i)
+                yield (self._generate(self.run.model, params, self.ae, self.ae_params,
+                                      device["label"], rng), device["mask"])
+                meter.update(len(real))
 
     def sample_labels(self, num: int) -> np.ndarray:
         """`num` labels cycling through sample.classes (all classes when empty)."""
