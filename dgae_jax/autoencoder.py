@@ -130,20 +130,33 @@ class Autoencoder:
         unet = self._module(params, "decoder")
         return unet(x_t.astype(dtype), t, z.astype(dtype)).astype(jnp.float32)
 
+    def image_shape(self, z: jax.Array) -> tuple[int, int, int, int]:
+        """(B, H, W, 3) of the images that latents `z` (B, h, w, c) decode to."""
+        f = self.config.model.spatial_factor
+        return (z.shape[0], z.shape[1] * f, z.shape[2] * f, 3)
+
     def decode(self, params: Params, z: jax.Array, rng: jax.Array, steps: int | None = None,
                sampler: str | None = None, spacing: str | None = None) -> jax.Array:
-        """z -> image in about [-1, 1].
+        """z -> image in about [-1, 1], at the size of the latent (x spatial_factor).
 
         DGAE starts from Gaussian noise drawn with `rng` and integrates the flow ODE for `steps`
         steps (defaults from config.diffusion; jit with these three as static arguments). The
         conv baseline is deterministic and ignores them.
         """
+        noise = (None if self.config.model.decoder == "conv"
+                 else jax.random.normal(rng, self.image_shape(z)))
+        return self.decode_from_noise(params, z, noise, steps, sampler, spacing)
+
+    def decode_from_noise(self, params: Params, z: jax.Array, noise: jax.Array | None,
+                          steps: int | None = None, sampler: str | None = None,
+                          spacing: str | None = None) -> jax.Array:
+        """`decode` from given starting noise (B, H, W, 3), so that callers can make each
+        image's noise independent of how images are batched (api.py). The conv decoder takes
+        None."""
         dtype = jnp.dtype(self.config.model.dtype)
         if self.config.model.decoder == "conv":
             return self._module(params, "decoder")(z.astype(dtype)).astype(jnp.float32)
         d = self.config.diffusion
-        size = self.config.image_size
-        noise = jax.random.normal(rng, (z.shape[0], size, size, 3))
         return diffusion.sample(lambda x_t, t: self.velocity(params, x_t, t, z), noise,
                                 steps or d.sample_steps, sampler or d.sampler,
                                 spacing or d.spacing)

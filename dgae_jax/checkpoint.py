@@ -45,7 +45,11 @@ def run_directory(workdir: str | os.PathLike) -> epath.Path:
     return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
 
 
-def _manager(directory: epath.Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+def _manager(directory: epath.Path,
+             config: ml_collections.ConfigDict | None) -> ocp.CheckpointManager:
+    if config is None:  # reading a run whose config is not known yet: change nothing on disk
+        options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+        return ocp.CheckpointManager(directory, item_names=ITEMS, options=options)
     keep = [policies.LatestN(config.checkpoint_keep)]
     if config.checkpoint_keep_every:
         keep.append(policies.EveryNSteps(config.checkpoint_keep_every))
@@ -59,10 +63,11 @@ def _manager(directory: epath.Path, config: ml_collections.ConfigDict) -> ocp.Ch
 class Checkpoints:
     """Save / restore of one run's checkpoints in `<workdir>/checkpoints`."""
 
-    def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+    def __init__(self, workdir: str, config: ml_collections.ConfigDict | None):
+        """`config` None: read-only, to read what a run saved (its config first)."""
         self.directory = run_directory(workdir) / "checkpoints"
         self.manager = _manager(self.directory, config)
-        self.config_json = json.loads(config.to_json_best_effort())
+        self.config_json = None if config is None else json.loads(config.to_json_best_effort())
 
     @property
     def latest_step(self) -> int | None:
@@ -117,6 +122,10 @@ class Checkpoints:
         step = self._step(step)
         sums = self._read(step, "checksums", ocp.args.JsonRestore())
         return step, self._verified(step, "ema", ocp.args.StandardRestore(abstract_params), sums)
+
+    def saved_config(self, step: int) -> dict:
+        """The config (as JSON) the run saved with checkpoint `step`."""
+        return self._read(step, "config", ocp.args.JsonRestore())
 
     def restore_intact(self, restore, *, fallback: bool, move_aside: bool):
         """`restore(step)` of the newest step that restores intact. A corrupt step is logged;

@@ -117,9 +117,19 @@ def autoencoder_config(factor: int, arg: str | None = None) -> ml_collections.Co
         batch_size=256,  # global; split over every device
         examples_per_shard=1024,
         read_threads=16,  # grain threads decoding images ahead of the device
-        log_every=20,  # batches between progress lines
         benchmark=0,  # N > 0: time caching N train images against the encoder alone instead
     )
+    # --mode=reconstruct (reconstruct.py): your images through a trained run. input: an image
+    # or a folder; output: a directory (PNGs, comparison.png, metrics.json).
+    c.reconstruct = dict(input="", output="", step=config_dict.placeholder(int), seed=0,
+                         grid_images=16)
+    # --mode=export (export.py): format 'dgae' (inference bundle for api.load) or, for
+    # decoder=conv, 'diffusers' (an AutoencoderKL directory); dir must not exist yet.
+    c.export = dict(dir="", step=config_dict.placeholder(int), format="dgae", stat_images=1024)
+    # Start training from a diffusers AutoencoderKL directory (config.json +
+    # diffusion_pytorch_model.safetensors, e.g. SD's public VAE with configs/f8.py):
+    # encoder_from for the encoder, decoder_from for the conv baseline's decoder.
+    c.init = dict(encoder_from="", decoder_from="")
 
     c.model = ml_collections.ConfigDict()
     c.model.spatial_factor = factor
@@ -174,7 +184,6 @@ def _shrink_to_demo(c: ml_collections.ConfigDict, factor: int) -> None:
     c.cache.batch_size = 32
     c.cache.crops_per_image = 32  # 15 photos -> 480 training latents, classes = photos
     c.cache.examples_per_shard = 64  # several shards even for the demo's 512 images
-    c.cache.log_every = 1
     c.ema_decay = 0.999
     c.optimizer.lr = 5e-4
     c.optimizer.end_lr = 5e-5

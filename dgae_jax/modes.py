@@ -7,6 +7,8 @@
     summary        parameter table, latent shape and train-step FLOPs, without allocating
     benchmark      time the train step on synthetic batches
     sweep          (autoencoder, diffusion decoder) eval's metrics at every decode setting of a grid
+    reconstruct    (autoencoder) reconstructions and metrics of your images (reconstruct.py)
+    export         (autoencoder) an inference bundle, or diffusers' AutoencoderKL (export.py)
 Every mode but train returns a JSON-able record, which the CLI prints as its last line.
 """
 
@@ -16,9 +18,11 @@ import jax
 import ml_collections
 
 from dgae_jax import benchmark as benchmark_lib
-from dgae_jax import checkpoint, inference, parallel, summary as summary_lib, sweep as sweep_lib
+from dgae_jax import checkpoint, export as export_lib, inference, parallel
+from dgae_jax import reconstruct as reconstruct_lib, summary as summary_lib, sweep as sweep_lib
 from dgae_jax import trainer
 from dgae_jax.cache import benchmark as cache_benchmark, job as cache_job
+from dgae_jax.metrics import lpips
 from dgae_jax.tasks.base import Run, Task, make_writer
 
 
@@ -72,6 +76,19 @@ def sweep(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
     return record
 
 
+def reconstruct(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
+    """reconstruct.input through a saved run, into reconstruct.output."""
+    weights = task.model.lpips_weights
+    if weights is None:  # the run's loss has no LPIPS term; the metric still uses its net
+        weights = lpips.load_weights(config.loss.lpips_net)
+    return reconstruct_lib.reconstruct(config, workdir, weights)
+
+
+def export(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
+    """A saved run's EMA autoencoder in export.dir."""
+    return export_lib.export(config, workdir)
+
+
 def cache_latents(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
     """The cache in `cache.dir`, or with `cache.benchmark`, the caching throughput."""
     if config.cache.benchmark:
@@ -88,4 +105,5 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str | None, task: Task
 
 
 MODES = {"train": train, "eval": evaluate, "sample": sample, "cache_latents": cache_latents,
-         "summary": summary, "benchmark": benchmark, "sweep": sweep}
+         "summary": summary, "benchmark": benchmark, "sweep": sweep,
+         "reconstruct": reconstruct, "export": export}

@@ -92,6 +92,12 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.shard
                              axis_types=(AxisType.Auto,) * 2)
 
 
+def local_mesh() -> jax.sharding.Mesh:
+    """All of this process's devices on the data axis: for work that needs no collectives
+    (encoding a cache, the Python API), whatever mesh the run trained on."""
+    return make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)), jax.local_devices())
+
+
 def hybrid_device_grid(shape: list[int], slices: int, devices) -> np.ndarray:
     """The (data, fsdp) array of devices whose data axis is `slices` blocks, one per slice."""
     granule = "slice_index" if hasattr(devices[0], "slice_index") else "process_index"

@@ -105,6 +105,24 @@ def _check_nonfinite(state: State, step: int, limit: int) -> None:
             "and EMA, and any checkpoint saved since, are those of the last finite step")
 
 
+def _start_from(state: State, pretrained: dict) -> State:
+    """A fresh state whose params and EMA take the task's pretrained modules (same shardings;
+    every process places its own shards). The optimiser state is zero whatever the values."""
+    if not pretrained:
+        return state
+
+    def place(current: jax.Array, value) -> jax.Array:
+        value = np.asarray(value, current.dtype)
+        return jax.make_array_from_callback(current.shape, current.sharding,
+                                            lambda index: value[index])
+
+    for key in ("params", "ema"):
+        modules = {m: jax.tree.map(place, state[key][m], values)
+                   for m, values in pretrained.items()}
+        state = dict(state, **{key: dict(state[key], **modules)})
+    return state
+
+
 def _finish_saving_after_error(ckpt: checkpoint.Checkpoints, error: BaseException) -> None:
     """Lets the checkpoint being written when the loop failed complete (or removes what it left
     half-written), so the run exits with its one original error and a clean directory."""
@@ -140,7 +158,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
             fallback=config.restore_fallback, move_aside=True)
         logging.info("resumed from the checkpoint of step %d in %s", step, ckpt.directory)
     else:
-        state = run_fns.init(model, jax.random.key(config.seed))
+        state = _start_from(run_fns.init(model, jax.random.key(config.seed)),
+                            task.pretrained_params())
         step = 0
     parameter_overview.log_parameter_overview(state["params"])
     n_devices = mesh.size

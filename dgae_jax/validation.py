@@ -12,7 +12,7 @@ import re
 
 import ml_collections
 
-from dgae_jax import ddpm, diffusion
+from dgae_jax import ddpm, diffusers_io, diffusion
 from dgae_jax.cache import format
 from dgae_jax.data import bad_images, pipeline, sources
 from dgae_jax.errors import ConfigError
@@ -22,7 +22,9 @@ from dgae_jax.models.unet import ADM_CHANNEL_MULT
 from dgae_jax.tasks import registry
 
 # Modes that read a trained run's checkpoints from --workdir, or write into it.
-WORKDIR_MODES = ("train", "eval", "cache_latents", "sample", "sweep")
+WORKDIR_MODES = ("train", "eval", "cache_latents", "sample", "sweep", "reconstruct", "export")
+ONE_PROCESS_MODES = ("reconstruct", "export")  # per-image work, files written by one process
+EXPORT_FORMATS = ("dgae", "diffusers")
 DTYPES = ("float32", "bfloat16", "float16")
 CACHE_DTYPES = tuple(format.DTYPES)
 CACHE_ROLES = ("train", "eval")
@@ -70,6 +72,15 @@ def validate(config: ml_collections.ConfigDict, mode: str, *, workdir: str | Non
             _sweep(config)
         if mode == "cache_latents":
             _cache_job(config, device_count)
+        if mode == "reconstruct":
+            _reconstruct(config)
+        if mode == "export":
+            _export(config)
+        if mode == "train":
+            _init(config)
+        _require(mode not in ONE_PROCESS_MODES or process_count == 1,
+                 f"--mode={mode} runs in one process (it has {process_count}); it uses every "
+                 "device of that process")
     else:
         _ldm(config, mode)
 
@@ -159,6 +170,42 @@ def _autoencoder(config) -> None:
              f"eval.step={config.eval.step} must not be negative")
 
 
+def _reconstruct(config) -> None:
+    r = config.reconstruct
+    _require(bool(r.input), "reconstruct.input is required: an image file or a folder of images")
+    _require(os.path.exists(r.input), f"reconstruct.input={r.input!r}: no such file or directory")
+    _require(bool(r.output), "reconstruct.output is required: the directory to write into")
+    _writable(r.output, "reconstruct.output")
+    _require(r.step is None or r.step >= 0, f"reconstruct.step={r.step} must not be negative")
+    _positive(config, "reconstruct.grid_images")
+
+
+def _export(config) -> None:
+    e = config.export
+    _require(bool(e.dir), "export.dir is required: the directory to create")
+    _require(not os.path.exists(e.dir), f"export.dir={e.dir!r} already exists; name a new one")
+    _writable(e.dir, "export.dir")
+    _one_of(e.format, EXPORT_FORMATS, "export.format")
+    _require(e.format != "diffusers" or config.model.decoder == "conv",
+             "export.format='diffusers' needs model.decoder='conv': AutoencoderKL has no "
+             "diffusion decoder")
+    _require(e.step is None or e.step >= 0, f"export.step={e.step} must not be negative")
+    _positive(config, "export.stat_images")
+    if e.format == "diffusers":
+        diffusers_io.check_exportable(config, "export.format")
+
+
+def _init(config) -> None:
+    """init.*_from: diffusers AutoencoderKL directories whose architecture is this config's."""
+    i = config.init
+    if i.encoder_from:
+        diffusers_io.check_compatible(i.encoder_from, config, ("encoder",), "init.encoder_from")
+    if i.decoder_from:
+        _require(config.model.decoder == "conv", "init.decoder_from needs model.decoder='conv' "
+                 "(the SD-VAE decoder); DGAE's diffusion decoder trains from scratch")
+        diffusers_io.check_compatible(i.decoder_from, config, ("decoder",), "init.decoder_from")
+
+
 def _sweep(config) -> None:
     _require(config.model.decoder == "diffusion",
              f"--mode=sweep needs model.decoder='diffusion', not {config.model.decoder!r}: the "
@@ -246,8 +293,7 @@ def _cache_job(config, device_count: int | None) -> None:
     splits = tuple(c.splits)
     _require(bool(splits) and len(set(splits)) == len(splits) and set(splits) <= set(CACHE_ROLES),
              f"cache.splits={splits!r} must be distinct names from {CACHE_ROLES}")
-    _positive(config, "cache.batch_size", "cache.examples_per_shard", "cache.log_every",
-              "cache.crops_per_image")
+    _positive(config, "cache.batch_size", "cache.examples_per_shard", "cache.crops_per_image")
     _require(c.read_threads >= 0, f"cache.read_threads={c.read_threads} must not be negative")
     _require(c.benchmark >= 0, f"cache.benchmark={c.benchmark} must not be negative")
     _require(c.step is None or c.step >= 0, f"cache.step={c.step} must not be negative")

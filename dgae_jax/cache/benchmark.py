@@ -37,7 +37,7 @@ def benchmark(config, workdir: str, task) -> dict:
     step, params = job.restore_encoder(config, workdir, config.cache.step)
     n, batch = config.cache.benchmark, config.cache.batch_size
     source = Cycled(sources.cache_source(config, "train"), n)
-    mesh = job.local_mesh()
+    mesh = parallel.local_mesh()
     encode = job.make_encoder(task.model, mesh, config.cache.flip)
     device_params = jax.device_put(params, parallel.replicated(mesh))
     images = np.stack([pipeline.eval_example(i, source=source, count=n,

@@ -92,12 +92,6 @@ def example_stream(config, pending: list[Shard], split_sources: dict,
     return ds.batch(local_batch)
 
 
-def local_mesh() -> jax.sharding.Mesh:
-    """All of this process's devices on the data axis: encoding needs no collectives."""
-    return parallel.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)),
-                              jax.local_devices())
-
-
 def make_encoder(model, mesh: jax.sharding.Mesh, flip: bool) -> Callable:
     """jitted (encoder params, uint8 images) -> float32 posteriors of the images [and of their
     horizontal flips], batch-sharded over `mesh`. Built once by the caller and passed down, so
@@ -248,7 +242,7 @@ def cache_latents(config: ml_collections.ConfigDict, workdir: str, task) -> dict
     """`--mode=cache_latents`: the cache in `cache.dir` (benchmark.py times it instead)."""
     split_sources = {s: sources.cache_source(config, s) for s in config.cache.splits}
     step, params = restore_encoder(config, workdir, config.cache.step)
-    mesh = local_mesh()
+    mesh = parallel.local_mesh()
     return run_job(config, workdir, task.model, step, params,
                    checkpoint.run_directory(config.cache.dir), split_sources, mesh,
                    make_encoder(task.model, mesh, config.cache.flip))

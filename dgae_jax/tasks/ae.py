@@ -18,17 +18,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from dgae_jax import grids, parallel
+from dgae_jax import diffusers_io, grids, parallel, progress
 from dgae_jax.autoencoder import Autoencoder
 from dgae_jax.data import bad_images, pipeline, sources
-from dgae_jax.metrics import frechet
-from dgae_jax.metrics import image as image_metrics
-from dgae_jax.metrics import lpips
+from dgae_jax.metrics import frechet, image as image_metrics, inception_convert, lpips
 from dgae_jax.metrics.features import FeatureCollector, InceptionFeatures
-from dgae_jax.models import inception
 from dgae_jax.tasks.base import Run
 
 
@@ -55,16 +53,18 @@ def masked_sums(mesh, values: dict[str, jax.Array], mask: jax.Array) -> dict[str
 
 
 class AutoencoderTask:
-    modes = ("train", "eval", "summary", "benchmark", "cache_latents", "sweep")
+    modes = ("train", "eval", "summary", "benchmark", "cache_latents", "sweep", "reconstruct",
+             "export")
 
     def __init__(self, config: ml_collections.ConfigDict, mode: str = "train"):
         """Loads what `mode` needs: LPIPS (a loss term and an evaluation metric) for all but
         caching, the FID Inception only for the modes that evaluate."""
         self.config = config
-        self.model = Autoencoder.from_config(config, with_lpips=mode != "cache_latents")
+        self.model = Autoencoder.from_config(config,
+                                             with_lpips=mode not in ("cache_latents", "export"))
         # Loaded now so that missing weights stop the run at start, not at the first eval.
         evaluates = config.eval.rfid and mode in ("train", "eval", "sweep")
-        self.inception_weights = (inception.load_weights(config.eval.inception_weights or None)
+        self.inception_weights = (inception_convert.load_or_convert(config.eval.inception_weights or None)
                                   if evaluates else None)
 
     @staticmethod
@@ -79,6 +79,17 @@ class AutoencoderTask:
         self._train_source = sources.make_source(self.config, "train")
         return pipeline.train_dataset(self.config, process_index, process_count,
                                       self._train_source)
+
+    def pretrained_params(self) -> dict:
+        """The modules init.encoder_from / init.decoder_from name (diffusers AutoencoderKL
+        directories, checked at start-up), read now."""
+        loaded = {}
+        for module in ("encoder", "decoder"):
+            path = self.config.init[f"{module}_from"]
+            if path:
+                loaded.update(diffusers_io.load_params(path, self.config, (module,)))
+                logging.info("the %s starts from the AutoencoderKL in %s", module, path)
+        return loaded
 
     def bad_image_log(self, workdir, process_index: int, process_count: int):
         """The record of replaced training images (data.bad_images='skip'): one file per
@@ -140,6 +151,7 @@ class AutoencoderEvaluator:
                           else InceptionFeatures(run.mesh, inception_weights))
         self._step = jax.jit(functools.partial(_eval_step, run.mesh),
                              static_argnames=("steps", "sampler", "spacing"))
+        self.num_images = pipeline.eval_size(config, sources.make_source(config, "eval"))
 
     def evaluate(self, params, step: int, *, steps: int | None = None, sampler: str | None = None,
                  spacing: str | None = None, grid: bool = True,
@@ -163,6 +175,7 @@ class AutoencoderEvaluator:
         features = {"real": FeatureCollector(), "recon": FeatureCollector()}
         data = pipeline.eval_dataset(config, jax.process_index(), jax.process_count())
         unreadable = 0
+        meter = progress.bar(self.num_images, "eval", quiet=self.num_images <= config.batch_size)
         for i, local in enumerate(data):
             unreadable += int(np.sum(local["unreadable"]))
             batch = parallel.global_batch(local, run.mesh)
@@ -182,6 +195,8 @@ class AutoencoderEvaluator:
                 jax.block_until_ready(totals)  # the next batch's timing starts on an idle device
             if grid and len(shown) * config.batch_size < config.eval.num_images:
                 shown.append((batch["image"], recon, batch["mask"]))
+            meter.update(min(config.batch_size, self.num_images - meter.n))
+        meter.close()
         totals = jax.device_get(totals)
         count = totals.pop("count")
         results = {k: float(v / count) for k, v in totals.items()}

@@ -78,6 +78,10 @@ class Task(Protocol):
 
     def train_data(self, process_index: int, process_count: int): ...
 
+    def pretrained_params(self) -> dict:
+        """Weights a new run starts from instead of its random init, {module: pure dict of host
+        arrays} for the modules they replace in params and EMA; {} to train from scratch."""
+
     def bad_image_log(self, workdir, process_index: int, process_count: int):
         """After train_data: a data/bad_images.BadImageLog for batches that carry `bad_path`,
         or None."""
