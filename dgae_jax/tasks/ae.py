@@ -87,7 +87,8 @@ class AutoencoderTask:
         for module in ("encoder", "decoder"):
             path = self.config.init[f"{module}_from"]
             if path:
-                loaded.update(diffusers_io.load_params(path, self.config, (module,)))
+                loaded.update(diffusers_io.load_params(path, self.config, (module,),
+                                                       field=f"init.{module}_from"))
                 logging.info("the %s starts from the AutoencoderKL in %s", module, path)
         return loaded
 
