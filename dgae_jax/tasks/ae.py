@@ -64,8 +64,8 @@ class AutoencoderTask:
                                              with_lpips=mode not in ("cache_latents", "export"))
         # Loaded now so that missing weights stop the run at start, not at the first eval.
         evaluates = config.eval.rfid and mode in ("train", "eval", "sweep")
-        self.inception_weights = (inception_convert.load_or_convert(config.eval.inception_weights or None)
-                                  if evaluates else None)
+        self.inception_weights = (inception_convert.load_or_convert(
+            config.eval.inception_weights or None) if evaluates else None)
 
     @staticmethod
     def init_params(model: Autoencoder, rng: jax.Array):

@@ -58,7 +58,8 @@ class LatentDiffusionTask:
                               f"latent_channels={config.model.latent_channels} do not match the "
                               f"cache's latents {shape}")
         if config.eval.fid_samples and mode in ("train", "eval"):
-            self.inception_weights = inception_convert.load_or_convert(config.eval.inception_weights or None)
+            self.inception_weights = inception_convert.load_or_convert(
+                config.eval.inception_weights or None)
 
     @staticmethod
     def init_params(model: LatentDiffusion, rng: jax.Array):
