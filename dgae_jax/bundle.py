@@ -87,6 +87,7 @@ def write(directory: str | os.PathLike, config: ml_collections.ConfigDict, param
                                     metadata={"format": FORMAT, "step": str(step)})
         (tmp / CARD).write_text(json.dumps({"format": FORMAT, "step": step, **card}, indent=1))
         (tmp / "README.md").write_text(readme)
+        (tmp / WEIGHTS).chmod(0o644)  # safetensors creates it private; a bundle is for sharing
         tmp.rename(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -44,7 +44,7 @@ def latent_statistics(config: ml_collections.ConfigDict, ae: api.TrainedAutoenco
                 break
     z = np.concatenate(means).astype(np.float64)
     axes = tuple(range(z.ndim - 1))
-    return {"num_images": seen, "split": config.data.eval_split,
+    return {"num_images": seen, "split": f"{config.data.name} {config.data.eval_split}",
             "mean": float(z.mean()), "std": float(z.std()),
             "channel_mean": z.mean(axis=axes).round(6).tolist(),
             "channel_std": z.std(axis=axes).round(6).tolist()}
