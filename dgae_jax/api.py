@@ -65,7 +65,7 @@ def load(path: str | os.PathLike, step: int | None = None, *,
     finally:
         ckpt.close()
     config = ml_collections.ConfigDict(saved)
-    if config.get("task") != "autoencoder":
+    if config.get("task") not in ("autoencoder", "distill"):
         raise ConfigError(f"{path} is a {config.get('task')!r} run, not an autoencoder")
     return TrainedAutoencoder.from_run(config, path, step, batch_size=batch_size)
 

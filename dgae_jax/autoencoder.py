@@ -166,7 +166,7 @@ class Autoencoder:
         return self.decode(params, self.encode(params, x).mean, rng, **decode_kwargs)
 
     # ----------------------------------------------------------------------------- training
-    def _lpips(self, a: jax.Array, b: jax.Array) -> jax.Array:
+    def lpips_loss(self, a: jax.Array, b: jax.Array) -> jax.Array:
         return jnp.mean(lpips.lpips_distance(self.lpips_weights, a, b,
                                              net=self.config.loss.lpips_net,
                                              dtype=jnp.dtype(self.config.model.dtype)))
@@ -206,7 +206,7 @@ class Autoencoder:
         loss = w.velocity_weight * mse
         metrics = {"velocity_mse": mse, "x0_mse": jnp.mean((x0_hat - x) ** 2)}
         if w.lpips_weight > 0:
-            metrics["lpips"] = self._lpips(x0_hat, x)
+            metrics["lpips"] = self.lpips_loss(x0_hat, x)
             loss = loss + w.lpips_weight * metrics["lpips"]
         return loss, metrics
 
@@ -220,7 +220,7 @@ class Autoencoder:
 
         def reconstruction(img):
             l1 = jnp.mean(jnp.abs(img - x))
-            lp = self._lpips(img, x) if w.lpips_weight > 0 else jnp.zeros(())
+            lp = self.lpips_loss(img, x) if w.lpips_weight > 0 else jnp.zeros(())
             return w.l1_weight * l1 + w.lpips_weight * lp, {"l1": l1, "lpips": lp}
 
         rec, metrics = reconstruction(x_hat)

@@ -89,7 +89,7 @@ def host_checksum(x: np.ndarray) -> list[int]:
 
 
 def _on_host(x) -> bool:
-    return isinstance(x, np.ndarray) or (
+    return isinstance(x, (np.ndarray, np.generic)) or (
         isinstance(x, jax.Array) and x.is_fully_addressable
         and all(d.platform == "cpu" for d in x.devices()))
 

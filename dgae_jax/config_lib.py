@@ -211,6 +211,38 @@ def _shrink_to_demo(c: ml_collections.ConfigDict, factor: int) -> None:
     c.loss.gan_start = 2_000
 
 
+def distill_config(factor: int, arg: str | None = None) -> ml_collections.ConfigDict:
+    """A 1-2 step student of a trained DGAE (distill.py): the teacher's architecture (same
+    variants as its config) plus the `distill` section; the student decodes in one step by
+    default (diffusion.sample_steps), the sweep compares it at 1, 2 and 4."""
+    c = autoencoder_config(factor, arg)
+    if c.model.decoder != "diffusion":
+        raise ConfigError("decoder=conv has no diffusion decoder to distil")
+    c.task = "distill"
+    c.name += "-student"
+    # Gap-fills: SSDD does not state a schedule we could copy at this scale.
+    c.total_steps = 50_000
+    c.eval_every = 5_000
+    c.optimizer.update(lr=1e-4, end_lr=1e-5, warmup_steps=1_000)
+    c.distill = dict(
+        teacher="",  # the teacher run's workdir; required
+        teacher_step=config_dict.placeholder(int),  # None = its latest checkpoint
+        teacher_steps=25, teacher_sampler="euler", teacher_spacing="uniform",  # the target
+        student_steps=(1, 2),  # trained together: the loss averages over them
+        mse_weight=1.0, lpips_weight=0.5)  # SSDD's terms; eta as in the autoencoder loss
+    c.diffusion.update(sample_steps=1, sampler="euler", spacing="uniform")
+    c.eval.update(sweep_steps=(1, 2, 4), sweep_samplers=("euler",), sweep_spacings=("uniform",))
+    if "demo" in parse_variants(arg):
+        c.name = "f16-demo-student"
+        c.total_steps = 1_000
+        c.eval_every = 500
+        c.checkpoint_every = 250
+        c.optimizer.update(lr=2e-4, end_lr=2e-5, warmup_steps=50)
+        # The demo teacher's sweep: Euler is within noise of its 25-step figures from 4 steps.
+        c.distill.teacher_steps = 8
+    return c
+
+
 def ldm_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The latent DiT on a DGAE f16 latent cache: the paper's DiT-XL/1 (section 4.3)."""
     v = parse_variants(arg, LDM_VARIANTS)
@@ -274,7 +306,9 @@ def ldm_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.diffusion.guidance = 1.0  # paper: no CFG
 
     # --mode=sample, and the evaluation during training.
-    c.sample = dict(num=64, classes=(), seed=0, step=config_dict.placeholder(int))
+    # decoder: "" decodes with the cache's autoencoder; or a distilled student's workdir
+    # (configs/distill_f16.py) of that autoencoder, for 1-2 step decoding.
+    c.sample = dict(num=64, classes=(), seed=0, step=config_dict.placeholder(int), decoder="")
     c.eval = dict(num_images=16, fid_samples=5_000, fid_reference="", inception_weights="",
                   step=config_dict.placeholder(int))
     c.data = dict(workers=0, prefetch=2)

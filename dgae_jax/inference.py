@@ -8,6 +8,7 @@ another.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -78,10 +79,55 @@ def restore_ema(config: ml_collections.ConfigDict, workdir: str, init_params: Ca
     return step, ema
 
 
+def teacher_run(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, int]:
+    """(saved config, step) of a distillation's teacher (distill.teacher, at distill.teacher_step
+    or its latest step), which must have been trained with the student's image size and model."""
+    d = config.distill
+    ckpt = checkpoint.Checkpoints(d.teacher, None)
+    try:
+        steps = ckpt.all_steps()
+        step = d.teacher_step if d.teacher_step is not None else (steps[-1] if steps else None)
+        if step not in steps:
+            raise ConfigError(f"distill.teacher={d.teacher!r} has no checkpoint"
+                              f"{'' if step is None else f' of step {step} (it has {steps})'}")
+        saved = ml_collections.ConfigDict(ckpt.saved_config(step))
+    finally:
+        ckpt.close()
+    ours = json.loads(config.to_json_best_effort())
+    theirs = json.loads(saved.to_json_best_effort())
+    for key in ("image_size", "model"):
+        if ours[key] != theirs[key]:
+            where = first_difference(theirs[key], ours[key], key)
+            raise ConfigError(f"distill.teacher={d.teacher!r} was trained with {where}: the "
+                              "student must have the teacher's networks (use its config variants)")
+    return saved, step
+
+
+def first_difference(theirs, ours, path: str) -> str:
+    """'model.unet.width=128, this config 64' for the first field where two JSON trees differ."""
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        for key in sorted(theirs.keys() | ours.keys()):
+            if theirs.get(key) != ours.get(key):
+                return first_difference(theirs.get(key), ours.get(key), f"{path}.{key}")
+    return f"{path}={theirs!r}, this config {ours!r}"
+
+
 def load_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
                      step: int | None = None, field: str = "eval.step"):
     """(step, Autoencoder without LPIPS weights, EMA parameters on `mesh`) of a trained run: all
-    that encoding and decoding need."""
+    that encoding and decoding need. A distillation run (config.task 'distill') saves only its
+    student decoder; it is paired with the teacher's EMA encoder."""
     model = Autoencoder.from_config(config, with_lpips=False)
-    step, ema = restore_ema(config, workdir, Autoencoder.init, model, mesh, step, field)
-    return step, model, ema
+    if config.task != "distill":
+        step, ema = restore_ema(config, workdir, Autoencoder.init, model, mesh, step, field)
+        return step, model, ema
+    step, student = restore_ema(config, workdir, _decoder_init, model, mesh, step, field)
+    teacher_config, teacher_step = teacher_run(config)
+    _, _, teacher = load_autoencoder(teacher_config, config.distill.teacher, mesh, teacher_step,
+                                     "distill.teacher_step")
+    return step, model, {"encoder": teacher["encoder"], "decoder": student["decoder"]}
+
+
+def _decoder_init(model: Autoencoder, rng: jax.Array) -> dict:
+    """The shapes of a distillation run's parameters: a decoder."""
+    return {"decoder": model.init(rng)["decoder"]}

@@ -62,9 +62,11 @@ def validate(config: ml_collections.ConfigDict, mode: str, *, workdir: str | Non
         _require(bool(workdir), f"--workdir is required for --mode={mode}")
         _writable(workdir, "--workdir")
     _training(config, device_count, process_count)
-    if config.task == "autoencoder":
+    if config.task in ("autoencoder", "distill"):
         _autoencoder(config)
         _data(config)
+        if config.task == "distill":
+            _distill(config)
         if (mode in ("train", "eval", "sweep") and config.eval.rfid
                 and config.eval.inception_weights):
             _file(config.eval.inception_weights, "eval.inception_weights")
@@ -193,6 +195,28 @@ def _export(config) -> None:
     _positive(config, "export.stat_images")
     if e.format == "diffusers":
         diffusers_io.check_exportable(config, "export.format")
+
+
+def _distill(config) -> None:
+    d = config.distill
+    _require(config.model.decoder == "diffusion",
+             "task='distill' needs model.decoder='diffusion' (a DGAE teacher)")
+    _require(bool(d.teacher), "distill.teacher is required: the teacher run's workdir")
+    _require(os.path.isdir(os.path.join(d.teacher, "checkpoints")) or "://" in d.teacher,
+             f"distill.teacher={d.teacher!r} is not a trained run's workdir (no checkpoints/)")
+    _require(d.teacher_step is None or d.teacher_step >= 0,
+             f"distill.teacher_step={d.teacher_step} must not be negative")
+    _positive(config, "distill.teacher_steps")
+    _one_of(d.teacher_sampler, diffusion.SAMPLERS, "distill.teacher_sampler")
+    _one_of(d.teacher_spacing, diffusion.SPACINGS, "distill.teacher_spacing")
+    steps = tuple(d.student_steps)
+    _require(bool(steps) and all(isinstance(k, int) and k > 0 for k in steps)
+             and len(set(steps)) == len(steps),
+             f"distill.student_steps={steps!r} must be distinct positive integers, at least one")
+    for field in ("mse_weight", "lpips_weight"):
+        _require(d[field] >= 0, f"distill.{field}={d[field]} must not be negative")
+    _require(d.mse_weight + d.lpips_weight > 0,
+             "distill.mse_weight and distill.lpips_weight are both 0: nothing to train on")
 
 
 def _init(config) -> None:
@@ -328,6 +352,9 @@ def _ldm(config, mode: str) -> None:
     _require(not bad, f"sample.classes={bad} are outside [0, {m.num_classes}) "
              f"(model.num_classes={m.num_classes})")
     _positive(config, "sample.num")
+    if s.decoder:
+        _require(os.path.isdir(os.path.join(s.decoder, "checkpoints")) or "://" in s.decoder,
+                 f"sample.decoder={s.decoder!r} is not a trained run's workdir (no checkpoints/)")
     for field in ("num_images", "fid_samples"):
         _require(e[field] >= 0, f"eval.{field}={e[field]} must not be negative")
     for field, step in (("sample.step", s.step), ("eval.step", e.step)):

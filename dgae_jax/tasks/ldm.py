@@ -12,6 +12,7 @@ the statistics of the images the cache was encoded from, computed once into the 
 from __future__ import annotations
 
 import functools
+import os
 
 import grain
 import jax
@@ -20,7 +21,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from dgae_jax import grids, inference, parallel, progress
+from dgae_jax import checkpoint, grids, inference, parallel, progress
 from dgae_jax.autoencoder import Autoencoder
 from dgae_jax.cache import reader
 from dgae_jax.data import pipeline, sources
@@ -35,6 +36,27 @@ def autoencoder_config(manifest: dict) -> ml_collections.ConfigDict:
     """The config of the autoencoder a cache was made with (its manifest keeps it)."""
     config = ml_collections.ConfigDict(manifest["config"])
     config.eval.rfid = False  # decoding needs no Inception
+    return config
+
+
+def student_config(workdir: str, cache_checkpoint: dict) -> ml_collections.ConfigDict:
+    """The config of the distillation run `workdir` (sample.decoder), whose teacher must be the
+    checkpoint the cache was encoded with: the student decodes that encoder's latents."""
+    ckpt = checkpoint.Checkpoints(workdir, None)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise ConfigError(f"sample.decoder={workdir!r} has no checkpoint")
+        config = ml_collections.ConfigDict(ckpt.saved_config(steps[-1]))
+    finally:
+        ckpt.close()
+    teacher = (config.distill.teacher, config.distill.teacher_step) if "distill" in config else None
+    wanted = (cache_checkpoint["workdir"], cache_checkpoint["step"])
+    if teacher is None or (os.path.abspath(teacher[0]), teacher[1]) != (
+            os.path.abspath(wanted[0]), wanted[1]):
+        raise ConfigError(f"sample.decoder={workdir!r} is not a student of the cache's "
+                          f"autoencoder {wanted[0]} at step {wanted[1]} (its teacher: {teacher})")
+    config.eval.rfid = False
     return config
 
 
@@ -108,8 +130,12 @@ class LatentDiffusionEvaluator:
         self.config, self.run, self.cache = config, run, cache
         ckpt = cache.manifest["checkpoint"]
         self.ae_config = autoencoder_config(cache.manifest)
+        workdir, step, field = ckpt["workdir"], ckpt["step"], "the cache's step"
+        if config.sample.decoder:  # a distilled student of the cache's autoencoder
+            self.ae_config = student_config(config.sample.decoder, ckpt)
+            workdir, step, field = config.sample.decoder, None, "sample.decoder"
         _, self.ae, self.ae_params = inference.load_autoencoder(
-            self.ae_config, ckpt["workdir"], run.mesh, ckpt["step"], field="the cache's step")
+            self.ae_config, workdir, run.mesh, step, field=field)
         self.inception = (None if inception_weights is None
                           else InceptionFeatures(run.mesh, inception_weights))
         mean, std = jnp.asarray(cache.mean), jnp.asarray(cache.std)

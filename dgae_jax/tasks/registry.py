@@ -7,9 +7,11 @@ import ml_collections
 from dgae_jax.errors import ConfigError
 from dgae_jax.tasks.ae import AutoencoderTask
 from dgae_jax.tasks.base import Task
+from dgae_jax.tasks.distill import DistillationTask
 from dgae_jax.tasks.ldm import LatentDiffusionTask
 
-TASKS: dict[str, type] = {"autoencoder": AutoencoderTask, "ldm": LatentDiffusionTask}
+TASKS: dict[str, type] = {"autoencoder": AutoencoderTask, "distill": DistillationTask,
+                          "ldm": LatentDiffusionTask}
 
 
 def task_class(config: ml_collections.ConfigDict, mode: str) -> type:

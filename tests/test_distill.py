@@ -1,0 +1,156 @@
+"""The distillation task (distill.py): the loss worked by hand, the student's start, and the
+student decoding through the loaders every mode and the API use."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dgae_jax import api, checkpoint, config_lib, diffusion, inference, parallel, trainer
+from dgae_jax import validation
+from dgae_jax.errors import ConfigError
+from dgae_jax.metrics import lpips
+from dgae_jax.tasks.distill import DistillationTask
+
+from fakes import mesh_of, recording
+from test_api import save_run
+from test_latent_cache import OVERRIDES
+
+TEACHER_OVERRIDES = {**OVERRIDES, "diffusion.sample_steps": 2}
+
+
+def configure(cfg, overrides):
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teacher")
+    cfg = configure(config_lib.autoencoder_config(16, "demo"), TEACHER_OVERRIDES)
+    return str(root / "run"), save_run(root / "run", cfg)
+
+
+def student_config(teacher_dir, **extra):
+    cfg = configure(config_lib.distill_config(16, "demo"), {**OVERRIDES, **extra})
+    cfg.distill.update(teacher=teacher_dir, teacher_steps=3)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def task(teacher):
+    cfg = student_config(teacher[0])
+    validation.validate(cfg, "train", workdir=teacher[0])
+    return DistillationTask(cfg, "eval")
+
+
+def test_the_student_starts_as_the_teacher(task, teacher):
+    _, ema = teacher
+    assert task.teacher_step == 5 and task.config.distill.teacher_step == 5
+    params = task.init_params(task.model, jax.random.key(0))
+    for got, want in zip(jax.tree.leaves(params["decoder"]), jax.tree.leaves(ema["decoder"])):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    # So its 1-step decode is the teacher's 1-step decode, from any latent and noise.
+    ae = task.model.autoencoder
+    z = jax.random.normal(jax.random.key(1), (2, 2, 2, 16))
+    noise = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+    student = ae.decode_from_noise(task.model.student(params), z, noise, 1)
+    np.testing.assert_array_equal(student, ae.decode_from_noise(ema, z, noise, 1))
+
+
+@pytest.mark.slow  # compiles the loss and its gradient through 3 + 1 + 2 U-Net steps twice
+def test_loss_by_hand(task, photos):
+    model, d = task.model, task.config.distill
+    ae = model.autoencoder
+    params = task.init_params(model, jax.random.key(0))
+    params = jax.tree.map(lambda p: p * 1.05 + 0.01, params)  # a student that has moved
+    x = jnp.asarray(photos(4, 32))
+    rng = jax.random.key(3)
+    loss_fn = type(model).loss_fn
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, argnums=1, has_aux=True))(
+        model, params, {"image": x}, rng)
+    assert set(grads) == {"decoder"}  # the teacher is not trained
+    assert float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads)))) > 0
+
+    @jax.jit
+    def by_hand(model, params, x):
+        enc = model.teacher["encoder"]
+        z = ae.encode({"encoder": enc}, x).mean
+        noise = jax.random.normal(rng, x.shape)
+        target = diffusion.sample(lambda x_t, t: ae.velocity(model.teacher, x_t, t, z), noise,
+                                  3, "euler", "uniform")
+        student = {"encoder": enc, "decoder": params["decoder"]}
+        terms = {}
+        for k in (1, 2):
+            # k Euler steps written out: x <- x + (t_next - t) v, t from 1 to 0.
+            out, ts = noise, np.linspace(1.0, 0.0, k + 1)
+            for t, t_next in zip(ts[:-1], ts[1:]):
+                out = out + (t_next - t) * ae.velocity(student, out, jnp.full((4,), t), z)
+            terms[k] = (jnp.mean((out - target) ** 2),
+                        jnp.mean(lpips.lpips_distance(model.autoencoder.lpips_weights, out,
+                                                      target, net="alexnet")))
+        return terms
+
+    want = 0.0
+    for k, (mse, perceptual) in jax.device_get(by_hand(model, params, x)).items():
+        assert metrics[f"mse_{k}"] == pytest.approx(float(mse), rel=1e-4)
+        assert metrics[f"lpips_{k}"] == pytest.approx(float(perceptual), rel=1e-4)
+        want += (d.mse_weight * mse + d.lpips_weight * perceptual) / 2
+    assert float(loss) == pytest.approx(float(want), rel=1e-4)
+
+
+def test_a_student_run_decodes_with_the_teachers_encoder(task, teacher, tmp_path):
+    teacher_dir, ema = teacher
+    cfg = task.config
+    state = {"step": np.int32(7), "params": {"decoder": ema["decoder"]},
+             "opt_state": {}, "rng": np.zeros(2, np.uint32), "nonfinite": np.int32(0),
+             "ema": {"decoder": jax.tree.map(lambda p: p + 0.5, ema["decoder"])}}
+    ckpt = checkpoint.Checkpoints(str(tmp_path / "student"), cfg)
+    ckpt.save(7, state, iter(task.train_data(0, 1)), force=True)
+    ckpt.close()
+    mesh = parallel.local_mesh()
+    step, _, params = inference.load_autoencoder(cfg, str(tmp_path / "student"), mesh)
+    assert step == 7
+    for got, want in zip(jax.tree.leaves(params["encoder"]), jax.tree.leaves(ema["encoder"])):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    ae = api.load(tmp_path / "student")
+    assert ae.step == 7 and ae.config.diffusion.sample_steps == 1
+    np.testing.assert_array_equal(np.asarray(jax.tree.leaves(ae.params["decoder"])[0]),
+                                  jax.tree.leaves(ema["decoder"])[0] + 0.5)
+
+
+@pytest.mark.slow
+def test_exact_resume(teacher, tmp_path):
+    cfg = student_config(teacher[0], **{"batch_size": 8, "data.eval_size": 8})
+    cfg.distill.update(teacher_steps=2, student_steps=(1,))
+    cfg.update(total_steps=4, log_every=2, eval_every=1000, checkpoint_every=2)
+    task_cls, mesh = recording(DistillationTask), mesh_of(2, 4)
+    straight = task_cls(cfg)
+    want = trainer.train_and_evaluate(cfg, str(tmp_path / "straight"), straight, mesh)
+    first = task_cls(cfg, signal_at=3)  # SIGTERM while step 3 is prepared
+    assert int(trainer.train_and_evaluate(cfg, str(tmp_path / "resumed"), first, mesh)["step"]) == 3
+    second = task_cls(cfg)
+    got = trainer.train_and_evaluate(cfg, str(tmp_path / "resumed"), second, mesh)
+    assert first.log + second.log == straight.log and len(straight.log) == 4
+    assert set(got["params"]) == {"decoder"}
+    for a, b in zip(jax.tree.leaves(jax.device_get(got)), jax.tree.leaves(jax.device_get(want))):
+        np.testing.assert_array_equal(a, b)
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(want["params"]),
+                                                      jax.tree.leaves(teacher[1]["decoder"]))]
+    assert any(moved)  # the student trained
+    assert (tmp_path / "straight" / "eval" / "4.json").exists()  # with the teacher's encoder
+
+
+def test_a_teacher_of_other_networks_is_refused(teacher):
+    cfg = student_config(teacher[0], **{"model.unet.width": 16})
+    with pytest.raises(ConfigError, match=r"model.unet.width=8, this config 16"):
+        inference.teacher_run(cfg)
+    cfg = student_config(teacher[0])
+    cfg.distill.teacher_step = 9
+    with pytest.raises(ConfigError, match=r"no checkpoint of step 9 \(it has \[5\]\)"):
+        inference.teacher_run(cfg)
