@@ -231,7 +231,8 @@ def distill_config(factor: int, arg: str | None = None) -> ml_collections.Config
         student_steps=(1, 2),  # trained together: the loss averages over them
         mse_weight=1.0, lpips_weight=0.5)  # SSDD's terms; eta as in the autoencoder loss
     c.diffusion.update(sample_steps=1, sampler="euler", spacing="uniform")
-    c.eval.update(sweep_steps=(1, 2, 4), sweep_samplers=("euler",), sweep_spacings=("uniform",))
+    c.eval.update(sweep_steps=(1, 2, 4), sweep_samplers=("euler",), sweep_spacings=("uniform",),
+                  sweep_teacher_steps=(1, 2, 4, 8, 25))
     if "demo" in parse_variants(arg):
         c.name = "f16-demo-student"
         c.total_steps = 1_000

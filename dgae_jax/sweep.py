@@ -38,11 +38,24 @@ def nfe(steps: int, sampler: str) -> int:
 
 
 def settings(config) -> list[dict]:
-    """The grid, grouped by sampler x spacing (one plotted line each), steps as configured."""
+    """The grid, grouped by sampler x spacing (one plotted line each), steps as configured. A
+    distillation run's grid is its student's, then its teacher's at eval.sweep_teacher_steps
+    (the teacher's sampler and spacing), so both are on one plot."""
     e = config.eval
-    return [{"steps": int(n), "sampler": sampler, "spacing": spacing}
+    grid = [{"steps": int(n), "sampler": sampler, "spacing": spacing}
             for sampler, spacing, n in itertools.product(e.sweep_samplers, e.sweep_spacings,
                                                          e.sweep_steps)]
+    if config.task != "distill":
+        return grid
+    d = config.distill
+    return [dict(s, decoder="student") for s in grid] + [
+        {"steps": int(n), "sampler": d.teacher_sampler, "spacing": d.teacher_spacing,
+         "decoder": "teacher"} for n in e.sweep_teacher_steps]
+
+
+def _line(row: dict) -> tuple:
+    """The plotted line of a row: (decoder of a distillation run,) sampler, spacing."""
+    return tuple(row[k] for k in ("decoder", "sampler", "spacing") if k in row)
 
 
 def sweep(run: Run, evaluator, params, step: int) -> dict:
@@ -51,8 +64,7 @@ def sweep(run: Run, evaluator, params, step: int) -> dict:
     rows, grid = [], settings(run.config)
     with progress.bar(len(grid), "sweep", unit="setting") as meter:
         for s in grid:
-            results = evaluator.evaluate(params, step, steps=s["steps"], sampler=s["sampler"],
-                                         spacing=s["spacing"], grid=False, timed=True)
+            results = evaluator.evaluate(params, step, grid=False, timed=True, **s)
             row = {**s, "nfe": nfe(s["steps"], s["sampler"])}
             row.update({k: results[k] for k in ("psnr", "ssim", "lpips", "rfid") if k in results})
             row["seconds_per_image"] = results["seconds_per_image"]
@@ -83,12 +95,11 @@ def plot(rows: list[dict], title: str = "") -> bytes:
     fig = Figure(figsize=(4.2 * len(panels), 3.6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    lines = sorted({(r["sampler"], r["spacing"]) for r in rows})
+    lines = sorted({_line(r) for r in rows})
     for ax, (key, label) in zip(axes, panels):
-        for sampler, spacing in lines:
-            points = sorted((r["nfe"], r[key]) for r in rows
-                            if (r["sampler"], r["spacing"]) == (sampler, spacing) and key in r)
-            ax.plot(*zip(*points), marker="o", label=f"{sampler}, {spacing}")
+        for line in lines:
+            points = sorted((r["nfe"], r[key]) for r in rows if _line(r) == line and key in r)
+            ax.plot(*zip(*points), marker="o", label=", ".join(line))
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 1, 2, 4, not 2^k
         ax.set_xlabel("network evaluations (NFE)")

@@ -239,6 +239,11 @@ def _sweep(config) -> None:
     _require(bool(steps) and all(isinstance(n, int) and not isinstance(n, bool) and n > 0
                                  for n in steps) and len(set(steps)) == len(steps),
              f"eval.sweep_steps={steps!r} must be distinct positive integers, at least one")
+    if config.task == "distill":
+        teacher = tuple(e.sweep_teacher_steps)
+        _require(all(isinstance(n, int) and n > 0 for n in teacher)
+                 and len(set(teacher)) == len(teacher),
+                 f"eval.sweep_teacher_steps={teacher!r} must be distinct positive integers")
     for field, allowed in (("sweep_samplers", diffusion.SAMPLERS),
                            ("sweep_spacings", diffusion.SPACINGS)):
         values = tuple(e[field])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dgae_jax import api, checkpoint, config_lib, diffusion, inference, parallel, trainer
-from dgae_jax import validation
+from dgae_jax import sweep, validation
 from dgae_jax.errors import ConfigError
 from dgae_jax.metrics import lpips
 from dgae_jax.tasks.distill import DistillationTask
@@ -144,6 +144,18 @@ def test_exact_resume(teacher, tmp_path):
                                                       jax.tree.leaves(teacher[1]["decoder"]))]
     assert any(moved)  # the student trained
     assert (tmp_path / "straight" / "eval" / "4.json").exists()  # with the teacher's encoder
+
+
+def test_the_sweep_puts_student_and_teacher_on_one_plot(teacher):
+    cfg = student_config(teacher[0])
+    grid = sweep.settings(cfg)
+    assert [(s["decoder"], s["steps"]) for s in grid] == [
+        ("student", 1), ("student", 2), ("student", 4), ("teacher", 1), ("teacher", 2),
+        ("teacher", 4), ("teacher", 8), ("teacher", 25)]
+    rows = [dict(s, nfe=s["steps"], psnr=20.0 + s["steps"]) for s in grid]
+    assert sweep.plot(rows).startswith(b"\x89PNG")
+    assert sorted({sweep._line(r) for r in rows}) == [("student", "euler", "uniform"),
+                                                     ("teacher", "euler", "uniform")]
 
 
 def test_a_teacher_of_other_networks_is_refused(teacher):

@@ -71,5 +71,8 @@ class StudentEvaluator:
         run = dataclasses.replace(run, model=run.model.autoencoder)
         self.inner = AutoencoderEvaluator(config, run, inception_weights)
 
-    def evaluate(self, params, step: int, **kwargs) -> dict[str, float]:
-        return self.inner.evaluate(self.distillation.student(params), step, **kwargs)
+    def evaluate(self, params, step: int, decoder: str = "student", **kwargs) -> dict[str, float]:
+        """The student's metrics (or with decoder='teacher', the teacher's, for comparison)."""
+        chosen = (self.distillation.student(params) if decoder == "student"
+                  else self.distillation.teacher)
+        return dict(self.inner.evaluate(chosen, step, **kwargs), decoder=decoder)
