@@ -235,12 +235,12 @@ def distill_config(factor: int, arg: str | None = None) -> ml_collections.Config
                   sweep_teacher_steps=(1, 2, 4, 8, 25))
     if "demo" in parse_variants(arg):
         c.name = "f16-demo-student"
-        c.total_steps = 1_000
-        c.eval_every = 500
-        c.checkpoint_every = 250
-        c.optimizer.update(lr=2e-4, end_lr=2e-5, warmup_steps=50)
+        c.total_steps = 600
+        c.eval_every = 300
+        c.checkpoint_every = 300
+        c.optimizer.update(lr=2e-4, end_lr=2e-5, warmup_steps=25)
         # The demo teacher's sweep: Euler is within noise of its 25-step figures from 4 steps.
-        c.distill.teacher_steps = 8
+        c.distill.teacher_steps = 4
     return c
 
 
