@@ -10,6 +10,7 @@ from dgae_jax import api, checkpoint, config_lib, diffusion, inference, parallel
 from dgae_jax import sweep, validation
 from dgae_jax.errors import ConfigError
 from dgae_jax.metrics import lpips
+from dgae_jax.tasks import ldm as ldm_task
 from dgae_jax.tasks.distill import DistillationTask
 
 from fakes import mesh_of, recording
@@ -118,6 +119,11 @@ def test_a_student_run_decodes_with_the_teachers_encoder(task, teacher, tmp_path
     assert step == 7
     for got, want in zip(jax.tree.leaves(params["encoder"]), jax.tree.leaves(ema["encoder"])):
         np.testing.assert_array_equal(np.asarray(got), want)
+    # The DiT decodes its samples with a student of the autoencoder its cache was made with.
+    assert ldm_task.student_config(str(tmp_path / "student"),
+                                   {"workdir": teacher_dir, "step": 5}).task == "distill"
+    with pytest.raises(ConfigError, match="is not a student of the cache's autoencoder"):
+        ldm_task.student_config(str(tmp_path / "student"), {"workdir": teacher_dir, "step": 4})
     ae = api.load(tmp_path / "student")
     assert ae.step == 7 and ae.config.diffusion.sample_steps == 1
     np.testing.assert_array_equal(np.asarray(jax.tree.leaves(ae.params["decoder"])[0]),
