@@ -11,7 +11,8 @@ draw n per image; the teacher's EMA decoder integrates the flow from n for `teac
 started from the teacher's EMA decoder, integrates from the same n in each of `student_steps`
 (Euler, uniform: the config's diffusion sampler) and is trained on
 
-    mean over k in student_steps of  mse_weight * |x_k - target|^2 + lpips_weight * LPIPS(x_k, target)
+    mean over k in student_steps of
+        mse_weight * |x_k - target|^2 + lpips_weight * LPIPS(x_k, target)
 
 (pixel means). The gradient flows through the student's whole k-step trajectory. Student
 parameters are {'decoder'}; the teacher's {'encoder', 'decoder'} are frozen arrays of the

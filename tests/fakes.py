@@ -102,3 +102,14 @@ def ldm_train_config():
     cfg.optimizer.warmup_steps = 1
     cfg.ema_decay = 0.9
     return cfg
+
+
+def override(cfg, fields: dict):
+    """Sets dotted config fields ({'model.unet.width': 8}) in place; returns `cfg`."""
+    for key, value in fields.items():
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg

@@ -13,32 +13,22 @@ from dgae_jax.metrics import lpips
 from dgae_jax.tasks import ldm as ldm_task
 from dgae_jax.tasks.distill import DistillationTask
 
-from fakes import mesh_of, recording
+from fakes import mesh_of, override, recording
 from test_api import save_run
 from test_latent_cache import OVERRIDES
 
 TEACHER_OVERRIDES = {**OVERRIDES, "diffusion.sample_steps": 2}
 
 
-def configure(cfg, overrides):
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = cfg
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
-
-
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     root = tmp_path_factory.mktemp("teacher")
-    cfg = configure(config_lib.autoencoder_config(16, "demo"), TEACHER_OVERRIDES)
+    cfg = override(config_lib.autoencoder_config(16, "demo"), TEACHER_OVERRIDES)
     return str(root / "run"), save_run(root / "run", cfg)
 
 
 def student_config(teacher_dir, **extra):
-    cfg = configure(config_lib.distill_config(16, "demo"), {**OVERRIDES, **extra})
+    cfg = override(config_lib.distill_config(16, "demo"), {**OVERRIDES, **extra})
     cfg.distill.update(teacher=teacher_dir, teacher_steps=3)
     return cfg
 

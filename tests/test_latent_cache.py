@@ -32,6 +32,7 @@ from dgae_jax.steps import build_steps
 from dgae_jax.tasks.ae import AutoencoderTask
 
 from conftest import synthetic_state
+from fakes import override
 from test_data import write_image
 
 # configs/f16.py:demo made tiny; scalars only, so the CLI can pass them as --config.K=V.
@@ -44,14 +45,7 @@ COUNTS = {"train": 15, "eval": 32}  # the embedded photos: 15 train, 4 x 8 fixed
 
 
 def demo_config(**extra):
-    cfg = config_lib.autoencoder_config(16, "demo")
-    for key, value in {**OVERRIDES, **extra}.items():
-        *parents, leaf = key.split(".")
-        node = cfg
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return override(config_lib.autoencoder_config(16, "demo"), {**OVERRIDES, **extra})
 
 
 def cli_args(**extra):

@@ -8,6 +8,7 @@ import pytest
 from dgae_jax import config_lib, main
 from dgae_jax.errors import ConfigError
 from dgae_jax.validation import validate
+from fakes import override
 
 AE, LDM = "autoencoder", "ldm"
 
@@ -15,13 +16,7 @@ AE, LDM = "autoencoder", "ldm"
 def configure(task: str, overrides: dict):
     cfg = (config_lib.autoencoder_config(16, "demo") if task == AE
            else config_lib.ldm_config("demo"))
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = cfg
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return override(cfg, overrides)
 
 
 CASES = [  # task, mode, overrides, the text the one-line error must contain

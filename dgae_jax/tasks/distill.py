@@ -1,7 +1,8 @@
 """The distillation task (distill.py): a 1- or 2-step student of a trained DGAE, on the shared
 trainer.
 
-It is the autoencoder task with another model and loss: the same images, batch spec, bad-image
+It is the autoencoder task with another model (whose `init` and `loss_fn` the inherited
+`init_params` and `loss_fn` call): the same images, batch spec, bad-image
 policy and evaluation. Its config is the teacher's architecture (`configs/distill_f16.py`, same
 variants as the teacher's) plus a `distill` section; `distill.teacher` names the teacher's run,
 whose saved config must have the same model and image size (checked when the task starts). Its
@@ -20,7 +21,7 @@ import ml_collections
 from dgae_jax import inference, parallel
 from dgae_jax.distill import Distillation
 from dgae_jax.metrics import lpips
-from dgae_jax.tasks.ae import AutoencoderEvaluator, AutoencoderTask, to_signed
+from dgae_jax.tasks.ae import AutoencoderEvaluator, AutoencoderTask
 from dgae_jax.tasks.base import Run
 
 
@@ -40,14 +41,6 @@ class DistillationTask(AutoencoderTask):
         self.teacher_step, _, teacher = inference.load_autoencoder(
             teacher_config, config.distill.teacher, mesh, step, "distill.teacher_step")
         self.model = Distillation(ae, jax.device_put(teacher, parallel.replicated(mesh)))
-
-    @staticmethod
-    def init_params(model: Distillation, rng: jax.Array):
-        return model.init(rng)
-
-    @staticmethod
-    def loss_fn(model: Distillation, params, batch: dict, rng: jax.Array, step: jax.Array):
-        return model.loss_fn(params, {"image": to_signed(batch["image"])}, rng, step)
 
     def pretrained_params(self) -> dict:
         return {}  # init_params already copies the teacher
