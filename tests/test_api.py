@@ -74,8 +74,8 @@ def test_encode_decode_match_the_model_at_any_batching(run):
     # Image i starts from noise drawn with fold_in(key(seed), i), through the flow sampler.
     noise = jnp.stack([jax.random.normal(jax.random.fold_in(jax.random.key(3), i), (32, 32, 3))
                        for i in range(3)])
-    sampled = diffusion.sample(lambda x_t, t: ae.model.velocity(params, x_t, t, z), noise, 2,
-                               "euler", "uniform")
+    sampled = jax.jit(lambda p: diffusion.sample(lambda x_t, t: ae.model.velocity(p, x_t, t, z),
+                                                 noise, 2, "euler", "uniform"))(params)
     want = np.asarray(jnp.round(jnp.clip((sampled + 1) * 127.5, 0, 255)), np.uint8)
     decoded = ae.decode(z, seed=3)
     assert decoded.dtype == np.uint8 and decoded.shape == (3, 32, 32, 3)
@@ -149,6 +149,7 @@ def test_reconstruct_mode_writes_what_the_api_gives(run, tmp_path):
     np.testing.assert_array_equal(grid[34:, :32], expected[0])  # reconstruction under input
 
 
+@pytest.mark.slow
 def test_export_round_trip(run, tmp_path):
     cfg = demo_config(**{"diffusion.sample_steps": 2})
     cfg.export.dir = str(tmp_path / "bundle")
@@ -172,6 +173,7 @@ def test_export_round_trip(run, tmp_path):
     assert "encoder/quant_conv/kernel" in keys and not any(k.startswith("disc") for k in keys)
 
 
+@pytest.mark.slow
 def test_the_conv_baseline_exports_as_a_diffusers_autoencoder(tmp_path):
     cfg = demo_config(**{"model.decoder": "conv"})
     ema = save_run(tmp_path / "run", cfg)

@@ -47,6 +47,7 @@ def test_validation_names_the_field():
         validate(c)
 
 
+@pytest.mark.slow  # an end-to-end CLI run that traces the 256 px train step
 def test_summary_cli_prints_json_last():
     out = subprocess.run(
         [sys.executable, "-m", "dgae_jax.main", "--config=configs/f16.py", "--mode=summary",

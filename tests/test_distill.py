@@ -50,8 +50,9 @@ def test_the_student_starts_as_the_teacher(task, teacher):
     ae = task.model.autoencoder
     z = jax.random.normal(jax.random.key(1), (2, 2, 2, 16))
     noise = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
-    student = ae.decode_from_noise(task.model.student(params), z, noise, 1)
-    np.testing.assert_array_equal(student, ae.decode_from_noise(ema, z, noise, 1))
+    decode = jax.jit(lambda p: ae.decode_from_noise(p, z, noise, 1))
+    np.testing.assert_array_equal(decode(task.model.student(params)),
+                                  decode(jax.tree.map(jnp.asarray, ema)))
 
 
 @pytest.mark.slow  # compiles the loss and its gradient through 3 + 1 + 2 U-Net steps twice
@@ -95,6 +96,7 @@ def test_loss_by_hand(task, photos):
     assert float(loss) == pytest.approx(float(want), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_a_student_run_decodes_with_the_teachers_encoder(task, teacher, tmp_path):
     teacher_dir, ema = teacher
     cfg = task.config
