@@ -1,1 +1,14 @@
 """dgae_jax: the Diffusion-Guided Autoencoder (DGAE, arXiv 2506.09644) in JAX/Flax."""
+
+import importlib.metadata as _metadata
+import os as _os
+
+# jaxlib 0.10's XLA:CPU sends convolutions through YNNPACK, which trains our U-Net slower than
+# XLA's own (Eigen) convolutions: the demo-size U-Net step on 2 cores takes 1.34 s with YNNPACK
+# and 1.03 s without (benchmarks/unet_vs_diffusers.py). Only XLA:CPU reads the flag. Set it
+# yourself in XLA_FLAGS to choose otherwise; other jaxlib versions are left alone, as the flag
+# is experimental and an unknown flag stops XLA.
+_YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+if (_metadata.version("jaxlib").startswith("0.10.")
+        and _YNN_FLAG not in _os.environ.get("XLA_FLAGS", "")):
+    _os.environ["XLA_FLAGS"] = f"{_os.environ.get('XLA_FLAGS', '')} {_YNN_FLAG}=".strip()
