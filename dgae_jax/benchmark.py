@@ -1,8 +1,17 @@
-"""`--mode=benchmark`: time the exact train step the trainer runs, on synthetic batches.
+"""`--mode=benchmark`: time the train step and each inference component on synthetic inputs.
 
-Reports step time, images/s (total and per device), XLA's FLOP count of the compiled step and the
-FLOP rate it implies, and peak device memory where the backend reports it. Synthetic data keeps
-the input pipeline out of the measurement; the trainer's logged throughput includes it.
+Components (`config.benchmark.components`, () = all the task has):
+    train_step     the exact step the trainer runs (forward, backward, optimizer, EMA)
+    encoder        the encoder's forward (posterior moments)
+    unet           one U-Net forward, the unit of a DGAE decode
+    decode_N       a whole DGAE decode of N flow steps, N in `benchmark.decode_steps`
+    conv_decoder   the SD-VAE baseline's decoder at the same latent shape (fresh parameters)
+    dit            one DiT forward (latent diffusion configs)
+
+Each reports compile time, time per call, images/s, XLA's FLOP count of the call, TFLOP/s per
+device, MFU against the device's dense bf16 peak (PEAK_BF16_TFLOPS; none on CPU), XLA's memory
+analysis of the compiled call and the device's peak memory so far. Synthetic data keeps the
+input pipeline out of the measurement; the trainer's logged throughput includes it.
 """
 
 from __future__ import annotations
@@ -15,7 +24,21 @@ import numpy as np
 from absl import logging
 
 from dgae_jax import parallel
-from dgae_jax.steps import build_steps, compile_train_step, describe_compiled
+from dgae_jax.autoencoder import Autoencoder
+from dgae_jax.errors import ConfigError
+from dgae_jax.sweep import nfe
+from dgae_jax.steps import GIB, build_steps, compile_train_step, describe_compiled, hlo_flops
+
+# Dense bf16 peak TFLOP/s per chip (vendor data sheets; H100/H200 SXM without sparsity). The
+# first key found in jax's device_kind wins, so the more specific names come first.
+PEAK_BF16_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "TPU v4": 275, "TPU v5 lite": 197,
+                    "TPU v5e": 197, "TPU v5p": 459, "TPU v5": 459, "TPU v6 lite": 918,
+                    "TPU v6e": 918}
+
+
+def peak_tflops(device_kind: str) -> float | None:
+    """The dense bf16 peak of a device kind, or None (CPUs and unlisted accelerators)."""
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_kind), None)
 
 
 def synthetic_batch(config: ml_collections.ConfigDict, task, mesh) -> dict:
@@ -35,39 +58,154 @@ def synthetic_batch(config: ml_collections.ConfigDict, task, mesh) -> dict:
     return parallel.global_batch({k: fill(v) for k, v in specs.items()}, mesh)
 
 
-def benchmark(config: ml_collections.ConfigDict, task) -> dict:
-    """`config.benchmark_steps` timed steps after one warm-up; 0 only compiles (the compile
-    time and the memory analysis of the step, e.g. for a model too slow to run here)."""
-    mesh = parallel.make_mesh(config.mesh)
-    fns = build_steps(config, task, mesh)
-    model = jax.device_put(task.model, parallel.replicated(mesh))
-    state = fns.init(model, jax.random.key(config.seed))
-    batch = synthetic_batch(config, task, mesh)
-    compiled, compile_report = compile_train_step(fns, model, state, batch)
-    flops = compile_report["flops"]
-    logging.info("%s", describe_compiled(compile_report))
-    record = {
-        "config": config.name, "devices": mesh.size, "device_kind": jax.devices()[0].device_kind,
-        "batch_size": config.batch_size, "dtype": config.model.dtype,
-        "compile_s": round(compile_report["compile_s"], 1), "train_step_flops": flops,
-        **{k: v for k, v in compile_report.items() if k.endswith("_bytes")},
-    }
-    steps = config.get("benchmark_steps", 10)
+def component_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The components a config has, in the order they are timed."""
+    if config.task == "ldm":
+        return ("train_step", "dit")
+    if config.task != "autoencoder":  # e.g. a distillation: its train step only
+        return ("train_step",)
+    decodes = (("unet", *(f"decode_{n}" for n in config.benchmark.decode_steps))
+               if config.model.decoder == "diffusion" else ())
+    return ("train_step", "encoder", *decodes, "conv_decoder")
+
+
+def inference_components(config: ml_collections.ConfigDict, model, params, mesh) -> dict:
+    """name -> (function, arguments, U-Net evaluations per call) of the model's inference
+    components at the benchmark batch size, the data sharded over the mesh's batch axes. A
+    decode's FLOPs are its evaluations times the U-Net's: XLA counts a loop body once."""
+    batch = config.benchmark.batch_size or config.batch_size
+    rng = np.random.default_rng(1)
+
+    def data(*shape, dtype=np.float32, fill=None):
+        local = (batch // jax.process_count(), *shape)
+        values = rng.standard_normal(local) if fill is None else np.full(local, fill)
+        return parallel.global_batch({"x": values.astype(dtype)}, mesh)["x"]
+
+    key = jax.device_put(jax.random.key(0), parallel.replicated(mesh))
+    t = data(fill=0.5)
+    if config.task == "ldm":
+        labels = data(dtype=np.int32, fill=0)
+        return {"dit": (model.output, (params, data(*model.latent_shape), t, labels), None)}
+    if config.task != "autoencoder":
+        return {}
+    x, z = data(config.image_size, config.image_size, 3), data(*model.latent_shape)
+    out = {"encoder": (lambda p, x: model.encode(p, x).mean, (params, x), None)}
+    if config.model.decoder == "diffusion":
+        out["unet"] = (model.velocity, (params, x, t, z), None)
+        for steps in config.benchmark.decode_steps:
+            out[f"decode_{steps}"] = (lambda p, z, k, s=steps: model.decode(p, z, k, steps=s),
+                                      (params, z, key), nfe(steps, config.diffusion.sampler))
+    conv_config = ml_collections.ConfigDict(config.to_dict())
+    conv_config.model.decoder, conv_config.loss.gan_weight = "conv", 0.0
+    conv = Autoencoder.from_config(conv_config, with_lpips=False)
+    conv_params = (params if config.model.decoder == "conv" else
+                   jax.jit(conv.init, out_shardings=parallel.replicated(mesh))(key))
+    out["conv_decoder"] = (lambda p, z, k: conv.decode(p, z, k), (conv_params, z, key), None)
+    return out
+
+
+def _utilisation(flops: float, seconds: float, devices: int, peak: float | None) -> dict:
+    per_device = flops / seconds / 1e12 / devices
+    return {"tflops_per_sec_per_device": per_device,
+            "mfu": per_device / peak if peak else None}
+
+
+def _peak_memory_gib() -> float | None:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats["peak_bytes_in_use"] / GIB if "peak_bytes_in_use" in stats else None
+
+
+def time_component(fn, args, *, steps: int, images: int, devices: int, peak: float | None,
+                   flops: float | None = None) -> dict:
+    """Compiles `fn(*args)` once, then times `steps` calls queued back to back (no host sync
+    between them, as a decode loop over batches runs); 0 steps only compiles. `flops` replaces
+    XLA's count of the call."""
+    start = time.perf_counter()
+    lowered = jax.jit(fn).lower(*args)
+    compiled = lowered.compile()
+    record = {"compile_s": time.perf_counter() - start, "flops": flops or hlo_flops(lowered)}
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        record["needed_gib"] = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                                - memory.alias_size_in_bytes + memory.temp_size_in_bytes) / GIB
     if not steps:
         return record
-    state, metrics = compiled(model, state, batch)  # warm-up
-    jax.block_until_ready(metrics)
-    start = time.time()
-    for _ in range(steps):
-        state, metrics = compiled(model, state, batch)
-    jax.block_until_ready(metrics)
-    step_s = (time.time() - start) / steps
-    stats = jax.local_devices()[0].memory_stats() or {}
-    record.update({
-        "step_time_ms": 1000 * step_s, "examples_per_sec": config.batch_size / step_s,
-        "examples_per_sec_per_device": config.batch_size / step_s / mesh.size,
-        "tflops_per_sec_per_device": flops / step_s / 1e12 / mesh.size,
-        "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
-        "loss": float(metrics["loss"]),
-    })
+    start = time.perf_counter()
+    outputs = [compiled(*args) for _ in range(steps)]
+    jax.block_until_ready(outputs)
+    seconds = (time.perf_counter() - start) / steps
+    record.update({"time_ms": 1000 * seconds, "images_per_sec": images / seconds,
+                   **_utilisation(record["flops"], seconds, devices, peak),
+                   "peak_memory_gib": _peak_memory_gib()})
     return record
+
+
+def _time_train_step(config, fns, model, state, batch, mesh, peak) -> dict:
+    """The trainer's own compiled step (donating the state): one warm-up, then timed steps."""
+    compiled, report = compile_train_step(fns, model, state, batch)
+    logging.info("%s", describe_compiled(report))
+    record = {"compile_s": report["compile_s"], "flops": report["flops"]}
+    if "needed_bytes" in report:
+        record["needed_gib"] = report["needed_bytes"] / GIB
+    steps = config.benchmark.steps
+    if steps:
+        state, metrics = compiled(model, state, batch)
+        jax.block_until_ready(metrics)
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = compiled(model, state, batch)
+        jax.block_until_ready(metrics)
+        seconds = (time.perf_counter() - start) / steps
+        record.update({"time_ms": 1000 * seconds, "images_per_sec": config.batch_size / seconds,
+                       **_utilisation(report["flops"], seconds, mesh.size, peak),
+                       "peak_memory_gib": _peak_memory_gib(), "loss": float(metrics["loss"])})
+    return record
+
+
+def benchmark(config: ml_collections.ConfigDict, task) -> dict:
+    """Every requested component, in order, each logged as it finishes."""
+    b = config.benchmark
+    names = component_names(config)
+    unknown = sorted(set(b.components) - set(names))
+    if unknown:
+        raise ConfigError(f"benchmark.components: {', '.join(unknown)} not in this config's "
+                          f"components ({', '.join(names)})")
+    names = [n for n in names if n in b.components] if b.components else names
+    mesh = parallel.make_mesh(config.mesh)
+    kind = jax.devices()[0].device_kind
+    peak = peak_tflops(kind)
+    fns = build_steps(config, task, mesh)
+    model = jax.device_put(task.model, parallel.replicated(mesh))
+    key = jax.random.key(config.seed)
+    # Fresh parameters for the inference components, sharded as the trainer shards them.
+    params = jax.jit(task.init_params, out_shardings=fns.state_shardings["params"])(model, key)
+    components = {}
+    if "train_step" in names:
+        state = fns.init(model, key)
+        batch = synthetic_batch(config, task, mesh)
+        components["train_step"] = _time_train_step(config, fns, model, state, batch, mesh, peak)
+        logging.info("benchmark train_step: %s", _brief(components["train_step"]))
+    inference = inference_components(config, task.model, params, mesh)
+    images = b.batch_size or config.batch_size
+    for name in (n for n in names if n != "train_step"):
+        fn, args, evaluations = inference[name]
+        flops = None
+        if evaluations:
+            unet, unet_args, _ = inference["unet"]
+            flops = evaluations * hlo_flops(jax.jit(unet).lower(*unet_args))
+        components[name] = time_component(fn, args, steps=b.steps, images=images,
+                                          devices=mesh.size, peak=peak, flops=flops)
+        logging.info("benchmark %s: %s", name, _brief(components[name]))
+    return {"config": config.name, "devices": mesh.size, "device_kind": kind,
+            "peak_bf16_tflops": peak, "dtype": config.model.dtype,
+            "batch_size": config.batch_size, "inference_batch_size": images,
+            "components": components}
+
+
+def _brief(record: dict) -> str:
+    parts = [f"compiled in {record['compile_s']:.1f} s", f"{record['flops'] / 1e9:.1f} GFLOP"]
+    if "time_ms" in record:
+        parts += [f"{record['time_ms']:.1f} ms", f"{record['images_per_sec']:.2f} images/s"]
+        if record["mfu"] is not None:
+            parts.append(f"MFU {100 * record['mfu']:.1f}%")
+    return ", ".join(parts)

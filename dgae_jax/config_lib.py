@@ -61,6 +61,15 @@ def default_data_config() -> ml_collections.ConfigDict:
     ))
 
 
+def default_benchmark_config() -> ml_collections.ConfigDict:
+    """`--mode=benchmark` (benchmark.py): which components, how many timed calls, what batch."""
+    return ml_collections.ConfigDict(dict(
+        steps=10,            # timed calls of each component; 0 = compile and memory only
+        components=(),       # () = all the config has; e.g. ("unet", "decode_25")
+        batch_size=0,        # global batch of the inference components; 0 = batch_size
+        decode_steps=(1, 4, 25),  # DGAE decodes timed, in flow steps
+    ))
+
 
 def autoencoder_config(factor: int, arg: str | None = None) -> ml_collections.ConfigDict:
     v = parse_variants(arg)
@@ -85,7 +94,7 @@ def autoencoder_config(factor: int, arg: str | None = None) -> ml_collections.Co
     c.checkpoint_keep_every = 50_000  # ... plus every K-th step
     c.ema_decay = 0.9999  # gap-fill: the paper does not state EMA
     c.profile_steps = ()  # (start, end): a jax.profiler trace of those steps in <workdir>/profile
-    c.benchmark_steps = 10  # --mode=benchmark: timed steps; 0 = compile and memory analysis only
+    c.benchmark = default_benchmark_config()
     c.max_nonfinite_steps = 20  # non-finite steps in a row (each skipped) before the run stops
     c.restore_fallback = True  # a corrupt checkpoint: resume from the newest intact one
 
@@ -140,8 +149,11 @@ def autoencoder_config(factor: int, arg: str | None = None) -> ml_collections.Co
     c.model.encoder = dict(width=128, channel_mult=ENCODER_CHANNEL_MULT[factor],
                            num_res_blocks=2, attn_resolutions=ENCODER_ATTN[factor])
     # ADM U-Net; channel_mult () means ADM's table for image_size (1,1,2,2,4,4 at 256 px).
+    # remat: 'none' | 'attention' | 'blocks' (models/unet.py); attention: None (JAX's choice)
+    # | 'xla' | 'cudnn' (NVIDIA GPUs).
     c.model.unet = dict(width=UNET_WIDTH[size], channel_mult=(), num_res_blocks=2,
-                        attn_resolutions=(16, 8), head_channels=64, time_scale=1000.0)
+                        attn_resolutions=(16, 8), head_channels=64, time_scale=1000.0,
+                        remat="none", attention=config_dict.placeholder(str))
     c.model.conv_decoder = dict(width=128, channel_mult=ENCODER_CHANNEL_MULT[factor],
                                 num_res_blocks=2, attn_resolutions=ENCODER_ATTN[factor])
     c.model.discriminator = dict(width=64, num_layers=3)
@@ -265,7 +277,7 @@ def ldm_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_keep_every = 100_000
     c.ema_decay = 0.9999
     c.profile_steps = ()  # (start, end): a jax.profiler trace of those steps in <workdir>/profile
-    c.benchmark_steps = 10  # --mode=benchmark: timed steps; 0 = compile and memory analysis only
+    c.benchmark = default_benchmark_config()
     c.max_nonfinite_steps = 20  # non-finite steps in a row (each skipped) before the run stops
     c.restore_fallback = True  # a corrupt checkpoint: resume from the newest intact one
     # DiT: AdamW at a constant 1e-4, no weight decay, no warm-up, default betas, no clipping.

@@ -18,7 +18,7 @@ from dgae_jax.data import bad_images, pipeline, sources
 from dgae_jax.errors import ConfigError
 from dgae_jax.ldm import OBJECTIVES
 from dgae_jax.metrics import lpips
-from dgae_jax.models.unet import ADM_CHANNEL_MULT
+from dgae_jax.models.unet import ADM_CHANNEL_MULT, REMAT
 from dgae_jax.tasks import registry
 
 # Modes that read a trained run's checkpoints from --workdir, or write into it.
@@ -93,8 +93,11 @@ def _training(config, device_count: int | None, process_count: int) -> None:
     _require(config.checkpoint_keep_every >= 0,
              f"checkpoint_keep_every={config.checkpoint_keep_every} must not be negative")
     _require(0 <= config.ema_decay < 1, f"ema_decay={config.ema_decay} is not in [0, 1)")
-    _require(config.get("benchmark_steps", 0) >= 0,
-             f"benchmark_steps={config.get('benchmark_steps')} must not be negative")
+    b = config.benchmark
+    _require(b.steps >= 0, f"benchmark.steps={b.steps} must not be negative")
+    _require(b.batch_size >= 0, f"benchmark.batch_size={b.batch_size} must not be negative")
+    _require(all(n > 0 for n in b.decode_steps),
+             f"benchmark.decode_steps={tuple(b.decode_steps)} must all be positive")
     window = tuple(config.get("profile_steps") or ())
     _require(not window or (len(window) == 2 and 0 <= window[0] < window[1]),
              f"profile_steps={window} is not () or (start, end) with 0 <= start < end")
@@ -135,9 +138,10 @@ def _mesh(config, device_count: int | None, process_count: int) -> None:
     _require(device_count % known == 0 and (-1 in shape or known == device_count),
              f"mesh.data x mesh.fsdp = {shape[0]} x {shape[1]} does not fit the "
              f"{device_count} devices")
-    _require(config.batch_size % device_count == 0,
-             f"batch_size={config.batch_size} (global) is not divisible by the {device_count} "
-             "devices")
+    for field in ("batch_size", "benchmark.batch_size"):
+        value = config[field] if field == "batch_size" else config.benchmark.batch_size
+        _require(value % device_count == 0, f"{field}={value} (global) is not divisible by the "
+                 f"{device_count} devices")
     data = shape[0] if shape[0] != -1 else device_count // shape[1]
     _require(data % slices == 0,
              f"mesh.data={data} is not divisible by mesh.dcn_data={slices} (slices)")
@@ -161,6 +165,9 @@ def _autoencoder(config) -> None:
         _require(config.image_size % 2 ** (len(mult) - 1) == 0,
                  f"image_size={config.image_size} is not divisible by the U-Net's "
                  f"{len(mult) - 1} downsamplings (model.unet.channel_mult)")
+        _one_of(m.unet.remat, REMAT, "model.unet.remat")
+        _require(m.unet.attention in (None, "xla", "cudnn"),
+                 f"model.unet.attention={m.unet.attention!r} is not None, 'xla' or 'cudnn'")
         _diffusion(config)
     w = config.loss
     for field in ("velocity_weight", "kl_weight", "lpips_weight", "l1_weight", "gan_weight"):

@@ -86,3 +86,28 @@ def test_timestep_embedding_formula():
     freqs = np.exp(-np.log(10_000.0) * np.arange(4) / 4)
     expected = np.concatenate([np.cos(t[:, None] * freqs), np.sin(t[:, None] * freqs)], -1)
     np.testing.assert_allclose(emb, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_remat_and_attention_choices_leave_the_velocity_and_gradients_unchanged(tiny_config):
+    """Rematerialising every block and attention recomputes the same values; 'xla' attention is
+    what JAX picks on a CPU."""
+    cfg = tiny_config(8, size=16, c=4)
+    shapes = jax.eval_shape(Autoencoder(ml_collections.FrozenConfigDict(cfg)).init,
+                            jax.random.key(0))
+    rng = np.random.default_rng(0)  # random everywhere, zero-initialised output layers included
+    params = jax.tree.map(lambda p: np.float32(0.2) * rng.standard_normal(p.shape, np.float32),
+                          shapes)
+    x_t, z = rng.standard_normal((2, 16, 16, 3)), rng.standard_normal((2, 2, 2, 4))
+    t = np.array([0.3, 0.8])
+    results = {}
+    for remat, attention in (("none", None), ("blocks", "xla")):
+        cfg.model.unet.update(remat=remat, attention=attention)
+        ae = Autoencoder(ml_collections.FrozenConfigDict(cfg))
+        results[remat] = jax.jit(jax.value_and_grad(
+            lambda p: jnp.sum(ae.velocity(p, x_t, t, z) ** 2)))(params)
+    (loss, grads), (want_loss, want_grads) = results["blocks"], results["none"]
+    assert want_loss > 0
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 grads, want_grads)
+    assert np.abs(want_grads["decoder"]["conv_in"]["kernel"]).max() > 0

@@ -75,8 +75,10 @@ class Attention(nnx.Module):
     """
 
     def __init__(self, channels: int, *, groups: int, dtype, rngs: nnx.Rngs,
-                 head_channels: int | None = None, zero_out: bool = False):
+                 head_channels: int | None = None, zero_out: bool = False,
+                 implementation: str | None = None):
         head_channels = head_channels or channels
+        self.implementation = implementation  # None: JAX's choice; 'xla' | 'cudnn' to force
         if channels % head_channels:
             raise ValueError(f"head_channels={head_channels} does not divide {channels} channels")
         self.heads = channels // head_channels
@@ -89,7 +91,8 @@ class Attention(nnx.Module):
         b, h, w, c = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, h * w, 3, self.heads, c // self.heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = jax.nn.dot_product_attention(q, k, v).reshape(b, h, w, c)
+        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        out = out.reshape(b, h, w, c)
         return x + self.proj(out)
 
 
