@@ -33,7 +33,7 @@ SETTINGS = {
     "remat_blocks_2x": ({"model.unet.remat": "blocks", "batch": 2}, "",
                         "recompute every block, at twice the batch"),
     "gpu_flags": ({}, GPU_FLAGS, "latency-hiding scheduler, cuBLAS instead of Triton GEMMs"),
-    "decode": ({"components": "(encoder,unet,decode_1,decode_4,decode_25,conv_decoder)"}, "",
+    "decode": ({"components": "encoder,unet,decode_1,decode_4,decode_25,conv_decoder"}, "",
                "inference components at the same batch"),
 }
 
@@ -42,7 +42,7 @@ def run_setting(name: str, config: str, batch: int, steps: int, timeout: int) ->
     overrides, flags, _ = SETTINGS[name]
     overrides = dict(overrides)
     batch *= overrides.pop("batch", 1)
-    components = overrides.pop("components", "(train_step,)")
+    components = overrides.pop("components", "train_step")
     args = [sys.executable, "-m", "dgae_jax.main", f"--config={config}", "--mode=benchmark",
             f"--config.batch_size={batch}", f"--config.benchmark.steps={steps}",
             f"--config.benchmark.components={components}"]

@@ -2,7 +2,7 @@
 #   python -m dgae_jax.main --config=configs/distill_f16.py --workdir=STUDENT \
 #     --config.distill.teacher=TEACHER_RUN
 #   python -m dgae_jax.main --config=configs/distill_f16.py:demo --workdir=runs/demo_student \
-#     --config.distill.teacher=runs/demo                  # 1,000 steps on the README demo
+#     --config.distill.teacher=runs/demo16                # on the f16 demo
 # Its checkpoints hold the student decoder; evaluation, --mode=sweep (1, 2, 4 steps), reconstruct,
 # export, dgae_jax.api and the DiT's sample.decoder use it with the teacher's encoder.
 from dgae_jax import config_lib

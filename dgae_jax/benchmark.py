@@ -1,6 +1,6 @@
 """`--mode=benchmark`: time the train step and each inference component on synthetic inputs.
 
-Components (`config.benchmark.components`, () = all the task has):
+Components (`config.benchmark.components`, comma-separated; "" = all the config has):
     train_step     the exact step the trainer runs (forward, backward, optimizer, EMA)
     encoder        the encoder's forward (posterior moments)
     unet           one U-Net forward, the unit of a DGAE decode
@@ -69,10 +69,12 @@ def component_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     return ("train_step", "encoder", *decodes, "conv_decoder")
 
 
-def inference_components(config: ml_collections.ConfigDict, model, params, mesh) -> dict:
-    """name -> (function, arguments, U-Net evaluations per call) of the model's inference
-    components at the benchmark batch size, the data sharded over the mesh's batch axes. A
-    decode's FLOPs are its evaluations times the U-Net's: XLA counts a loop body once."""
+def inference_components(config: ml_collections.ConfigDict, model, params, mesh,
+                         names) -> dict:
+    """name -> (function, arguments, FLOPs or None) of the named inference components at the
+    benchmark batch size, the data sharded over the mesh's batch axes. A decode's FLOPs are its
+    U-Net evaluations times one U-Net's (lowered, not compiled): XLA counts a loop body once;
+    None leaves the count to XLA."""
     batch = config.benchmark.batch_size or config.batch_size
     rng = np.random.default_rng(1)
 
@@ -86,22 +88,24 @@ def inference_components(config: ml_collections.ConfigDict, model, params, mesh)
     if config.task == "ldm":
         labels = data(dtype=np.int32, fill=0)
         return {"dit": (model.output, (params, data(*model.latent_shape), t, labels), None)}
-    if config.task != "autoencoder":
-        return {}
     x, z = data(config.image_size, config.image_size, 3), data(*model.latent_shape)
-    out = {"encoder": (lambda p, x: model.encode(p, x).mean, (params, x), None)}
-    if config.model.decoder == "diffusion":
-        out["unet"] = (model.velocity, (params, x, t, z), None)
+    out = {"encoder": (lambda p, x: model.encode(p, x).mean, (params, x), None),
+           "unet": (model.velocity, (params, x, t, z), None)}
+    if any(n.startswith("decode_") for n in names):
+        unet_flops = hlo_flops(jax.jit(model.velocity).lower(params, x, t, z))
         for steps in config.benchmark.decode_steps:
             out[f"decode_{steps}"] = (lambda p, z, k, s=steps: model.decode(p, z, k, steps=s),
-                                      (params, z, key), nfe(steps, config.diffusion.sampler))
-    conv_config = ml_collections.ConfigDict(config.to_dict())
-    conv_config.model.decoder, conv_config.loss.gan_weight = "conv", 0.0
-    conv = Autoencoder.from_config(conv_config, with_lpips=False)
-    conv_params = (params if config.model.decoder == "conv" else
-                   jax.jit(conv.init, out_shardings=parallel.replicated(mesh))(key))
-    out["conv_decoder"] = (lambda p, z, k: conv.decode(p, z, k), (conv_params, z, key), None)
-    return out
+                                      (params, z, key),
+                                      nfe(steps, config.diffusion.sampler) * unet_flops)
+    if "conv_decoder" in names:
+        conv_config = ml_collections.ConfigDict(config.to_dict())
+        conv_config.model.decoder, conv_config.loss.gan_weight = "conv", 0.0
+        conv = Autoencoder.from_config(conv_config, with_lpips=False)
+        conv_params = (params if config.model.decoder == "conv" else
+                       jax.jit(conv.init, out_shardings=parallel.replicated(mesh))(key))
+        out["conv_decoder"] = (lambda p, z, k: conv.decode(p, z, k), (conv_params, z, key),
+                               None)
+    return {name: out[name] for name in names}
 
 
 def _utilisation(flops: float, seconds: float, devices: int, peak: float | None) -> dict:
@@ -166,11 +170,12 @@ def benchmark(config: ml_collections.ConfigDict, task) -> dict:
     """Every requested component, in order, each logged as it finishes."""
     b = config.benchmark
     names = component_names(config)
-    unknown = sorted(set(b.components) - set(names))
+    wanted = [n.strip() for n in b.components.split(",") if n.strip()]
+    unknown = sorted(set(wanted) - set(names))
     if unknown:
         raise ConfigError(f"benchmark.components: {', '.join(unknown)} not in this config's "
                           f"components ({', '.join(names)})")
-    names = [n for n in names if n in b.components] if b.components else names
+    names = [n for n in names if n in wanted] if wanted else names
     mesh = parallel.make_mesh(config.mesh)
     kind = jax.devices()[0].device_kind
     peak = peak_tflops(kind)
@@ -185,14 +190,10 @@ def benchmark(config: ml_collections.ConfigDict, task) -> dict:
         batch = synthetic_batch(config, task, mesh)
         components["train_step"] = _time_train_step(config, fns, model, state, batch, mesh, peak)
         logging.info("benchmark train_step: %s", _brief(components["train_step"]))
-    inference = inference_components(config, task.model, params, mesh)
     images = b.batch_size or config.batch_size
-    for name in (n for n in names if n != "train_step"):
-        fn, args, evaluations = inference[name]
-        flops = None
-        if evaluations:
-            unet, unet_args, _ = inference["unet"]
-            flops = evaluations * hlo_flops(jax.jit(unet).lower(*unet_args))
+    inference = inference_components(config, task.model, params, mesh,
+                                     [n for n in names if n != "train_step"])
+    for name, (fn, args, flops) in inference.items():
         components[name] = time_component(fn, args, steps=b.steps, images=images,
                                           devices=mesh.size, peak=peak, flops=flops)
         logging.info("benchmark %s: %s", name, _brief(components[name]))

@@ -65,7 +65,7 @@ def default_benchmark_config() -> ml_collections.ConfigDict:
     """`--mode=benchmark` (benchmark.py): which components, how many timed calls, what batch."""
     return ml_collections.ConfigDict(dict(
         steps=10,            # timed calls of each component; 0 = compile and memory only
-        components=(),       # () = all the config has; e.g. ("unet", "decode_25")
+        components="",       # comma-separated, e.g. "unet,decode_25"; "" = all it has
         batch_size=0,        # global batch of the inference components; 0 = batch_size
         decode_steps=(1, 4, 25),  # DGAE decodes timed, in flow steps
     ))

@@ -24,7 +24,7 @@ def test_components_timed_and_decode_flops_match_xla(tiny_config):
     cfg = tiny_config(factor=8, size=16)
     cfg.batch_size = 8
     cfg.benchmark.update(steps=1, batch_size=8, decode_steps=(2, 6),  # 1 image per device
-                         components=("unet", "decode_2", "decode_6"))
+                         components="unet,decode_2,decode_6")
     cfg.diffusion.sampler = "heun"  # 2 evaluations per step
     task = make_task(cfg, "benchmark")
     record = benchmark.benchmark(cfg, task)
@@ -58,7 +58,7 @@ def test_ldm_train_step_and_dit(tmp_path):
 def test_unknown_component_stops_before_any_work(tiny_config):
     cfg = tiny_config()
     cfg.model.decoder = "conv"
-    cfg.benchmark.components = ("unet",)
+    cfg.benchmark.components = "unet"
     with pytest.raises(ConfigError, match=r"benchmark.components: unet not in this config's "
                                           r"components \(train_step, encoder, conv_decoder\)"):
         benchmark.benchmark(cfg, make_task(cfg, "benchmark"))

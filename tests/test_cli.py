@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 
-def demo(total_steps=4, eval_every=4):
-    return ["--config=configs/f16.py:demo", f"--config.total_steps={total_steps}",
+def demo(total_steps=4, eval_every=4, config="configs/demo.py"):
+    """The README demo's command, shortened; the DiT pipeline runs on the f16 demo's latents."""
+    return [f"--config={config}", f"--config.total_steps={total_steps}",
             "--config.log_every=2", f"--config.eval_every={eval_every}",
             "--config.checkpoint_every=2", "--config.batch_size=4", "--config.data.eval_size=8",
             "--config.diffusion.sample_steps=2"]
@@ -64,8 +65,11 @@ def test_autoencoder_cache_ldm_and_samples_end_to_end(tmp_path, inception_weight
     from dgae_jax import fid
     from dgae_jax.data import sources
     ae, cache, ldm = (str(tmp_path / d) for d in ("ae", "cache", "ldm"))
-    main(*demo(total_steps=2, eval_every=100), f"--workdir={ae}", "--config.eval.rfid=False")
-    out = main(*demo(), f"--workdir={ae}", "--mode=cache_latents", f"--config.cache.dir={cache}")
+    f16 = "configs/f16.py:demo"
+    main(*demo(total_steps=2, eval_every=100, config=f16), f"--workdir={ae}",
+         "--config.eval.rfid=False")
+    out = main(*demo(config=f16), f"--workdir={ae}", "--mode=cache_latents",
+               f"--config.cache.dir={cache}")
     cached = json.loads(out.stdout.strip().splitlines()[-1])
     assert cached["latent_shape"] == [4, 4, 16]
     assert cached["examples"] == {"train": 15 * 32, "eval": 8 * 4}  # 32 crops of each photo

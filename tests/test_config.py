@@ -1,6 +1,8 @@
 """Config variants, validation errors and the `--mode=summary` command line."""
 
+import importlib.util
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -8,6 +10,9 @@ import pytest
 
 from dgae_jax import config_lib
 from dgae_jax.validation import validate as validate_for
+
+
+ROOT = pathlib.Path(__file__).parent.parent
 
 
 def validate(config):
@@ -23,6 +28,18 @@ def test_variants():
     demo = config_lib.autoencoder_config(16, "demo")
     assert demo.image_size == 64 and demo.model.dtype == "float32"
     validate(demo)
+
+
+def test_readme_demo_config():
+    """configs/demo.py: 8x8x16 latents of 64 px crops, 1,800 steps; its variants pass through."""
+    spec = importlib.util.spec_from_file_location("demo", ROOT / "configs" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    demo = module.get_config()
+    assert demo.name == "demo" and demo.total_steps == 1_800 and demo.eval_every == 900
+    assert (demo.image_size, demo.model.spatial_factor, demo.model.latent_channels) == (64, 8, 16)
+    validate(demo)
+    assert module.get_config("decoder=conv").model.decoder == "conv"
 
 
 @pytest.mark.parametrize("arg,match", [("colour=red", "unknown config variant 'colour'"),
