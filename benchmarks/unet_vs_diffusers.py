@@ -84,7 +84,8 @@ def torch_side(size: str, steps: int) -> dict:
     model = UNet2DModel(sample_size=res, in_channels=3 + lc, out_channels=3,
                         block_out_channels=widths, layers_per_block=blocks,
                         down_block_types=down, up_block_types=up, attention_head_dim=head,
-                        norm_num_groups=groups, attn_norm_num_groups=groups, norm_eps=1e-6, resnet_time_scale_shift="scale_shift",
+                        norm_num_groups=groups, attn_norm_num_groups=groups, norm_eps=1e-6,
+                        resnet_time_scale_shift="scale_shift",
                         downsample_type="conv", upsample_type="conv")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
