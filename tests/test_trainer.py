@@ -78,8 +78,11 @@ def assert_sharded_steps_match(cfg, task, local):
     for mesh_shape, (updates, metrics) in results.items():
         for key in ("loss", "grad_norm"):
             np.testing.assert_allclose(metrics[key], reference[1][key], rtol=1e-5)
+        # Updates are of the order of lr = 1e-2. Summation order differs between the meshes, and
+        # the GAN's adaptive weight (a ratio of gradient norms) amplifies that float32 noise to
+        # ~5e-5 on single elements; a sharding error would be of the order of the updates.
         for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(reference[0])):
-            np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5, err_msg=str(mesh_shape))
+            np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4, err_msg=str(mesh_shape))
 
 
 @pytest.mark.parametrize("kind", [pytest.param("autoencoder", marks=pytest.mark.slow), "ldm"])
