@@ -24,7 +24,7 @@ DEFAULT_CHANNELS = {8: 4, 16: 16, 32: 64}
 # U-Net base width of DGAE-B / M / L (paper Table 1: 122M / 276M / 491M decoders).
 UNET_WIDTH = {"B": 128, "M": 192, "L": 256}
 
-VARIANTS = ("c", "size", "decoder", "res", "demo")
+VARIANTS = ("c", "size", "decoder", "width", "blocks", "res", "demo")
 LDM_VARIANTS = ("c", "size", "patch", "objective", "demo")
 # DiT paper Table 4: hidden size, depth, heads of DiT-S / B / L / XL.
 DIT_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
@@ -54,6 +54,9 @@ def default_data_config() -> ml_collections.ConfigDict:
         eval_subset="",             # fixed eval images: a named list ("imagenet_val_5k") or a
                                     # file of file names; "" = the eval split in its order
         eval_size=0,                # first N eval examples (of the subset); 0 = all of them
+        eval_crops=8,               # embedded only: fixed eval crops per held-out photo ...
+        eval_crop_seed=0,           # ... and the seed of their positions (another seed gives
+                                    # other crops of the same photos, e.g. to choose settings)
         workers=0,                  # grain worker processes; 0 = threads in this process
         prefetch=2,                 # batches buffered ahead (threads) / per worker (processes)
         bad_images="skip",          # unreadable images: "skip" (replace, log, count) | "error"
@@ -180,6 +183,16 @@ def autoencoder_config(factor: int, arg: str | None = None) -> ml_collections.Co
 
     if "demo" in v:
         _shrink_to_demo(c, factor)
+    # The decoder's shape at any scale (after the demo's): base width and residual blocks per
+    # level of the U-Net (DGAE) or of the conv decoder (decoder=conv), e.g. to set the two
+    # decoders' parameter ratio. At equal width and blocks the paper-scale U-Net has 2.5x the
+    # conv decoder's parameters (DGAE-B 122M against SD-VAE's 49M).
+    shape = c.model.unet if decoder == "diffusion" else c.model.conv_decoder
+    for key, field in (("width", "width"), ("blocks", "num_res_blocks")):
+        if key in v:
+            if not v[key].isdigit() or int(v[key]) < 1:
+                raise ConfigError(f"{key}={v[key]!r} is not a positive integer")
+            shape[field] = int(v[key])
     return c
 
 

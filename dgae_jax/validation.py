@@ -316,6 +316,7 @@ def _data(config) -> None:
              f"data.max_bad_fraction={d.max_bad_fraction} is not in [0, 1]")
     _require(0 < d.min_scale <= 1, f"data.min_scale={d.min_scale} is not in (0, 1]")
     _require(d.eval_size >= 0, f"data.eval_size={d.eval_size} must not be negative")
+    _require(d.get("eval_crops", 8) >= 1, f"data.eval_crops={d.get('eval_crops')} must be >= 1")
     if d.eval_subset:
         path = sources.NAMED_SUBSETS.get(d.eval_subset, d.eval_subset)
         _require(os.path.isfile(path), f"data.eval_subset={d.eval_subset!r} is neither one of "

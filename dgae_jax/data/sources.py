@@ -347,7 +347,7 @@ def make_source(config, split_name: str):
     """The source for role `split_name` ('train' or 'eval') of `config.data.name`.
 
     'embedded': EmbeddedPhotos, whose eval role is FixedCrops of the held-out photos at
-    config.image_size; 'folder': ImageFolder(data.dir/<train_split|eval_split>);
+    config.image_size (data.eval_crops per photo, placed by data.eval_crop_seed); 'folder': ImageFolder(data.dir/<train_split|eval_split>);
     'tfds:<name>': tfds_source(<name>, <train_split|eval_split>, data.dir).
     For 'eval', data.eval_subset (a named subset or a file of file names) selects a fixed list
     of images, e.g. 'imagenet_val_5k', the rFID-5k protocol.
@@ -359,7 +359,9 @@ def make_source(config, split_name: str):
     name = data.name
     if name == "embedded":
         source = (EmbeddedPhotos("train") if split_name == "train"
-                  else FixedCrops(EmbeddedPhotos("eval"), config.image_size))
+                  else FixedCrops(EmbeddedPhotos("eval"), config.image_size,
+                                  per_image=data.get("eval_crops", 8),
+                                  seed=data.get("eval_crop_seed", 0)))
     elif name == "folder":
         if not data.dir:
             raise ConfigError("data.name='folder' needs data.dir (the folder holding the splits)")
