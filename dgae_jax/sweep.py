@@ -69,6 +69,7 @@ def sweep(run: Run, evaluator, params, step: int) -> dict:
             row.update({k: results[k] for k in ("psnr", "ssim", "lpips", "rfid") if k in results})
             row["seconds_per_image"] = results["seconds_per_image"]
             row["num_images"] = results["num_images"]
+            row["bootstrap_std"] = results["bootstrap_std"]
             logging.info("sweep of step %d: %s", step, row)
             rows.append(row)
             meter.update(1)

@@ -30,6 +30,21 @@ def test_variants():
     validate(demo)
 
 
+def test_decoder_shape_variants_apply_to_the_configured_decoder():
+    """width= and blocks= shape the U-Net, or the conv decoder with decoder=conv, after the
+    demo's sizes; the other decoder's section is left as it was."""
+    dgae = config_lib.autoencoder_config(16, "demo,c=8,blocks=2")
+    demo = config_lib.autoencoder_config(16, "demo,c=8")
+    assert (dgae.model.unet.width, dgae.model.unet.num_res_blocks) == (16, 2)
+    assert dgae.model.conv_decoder == demo.model.conv_decoder
+    conv = config_lib.autoencoder_config(16, "demo,c=8,decoder=conv,width=16")
+    assert (conv.model.conv_decoder.width, conv.model.conv_decoder.num_res_blocks) == (16, 1)
+    assert conv.model.unet == demo.model.unet
+    assert config_lib.autoencoder_config(16, "size=M,width=160").model.unet.width == 160
+    validate(dgae)
+    validate(conv)
+
+
 def test_readme_demo_config():
     """configs/demo.py: 8x8x16 latents of 64 px crops, 1,800 steps; its variants pass through."""
     spec = importlib.util.spec_from_file_location("demo", ROOT / "configs" / "demo.py")
@@ -44,7 +59,9 @@ def test_readme_demo_config():
 
 @pytest.mark.parametrize("arg,match", [("colour=red", "unknown config variant 'colour'"),
                                        ("size=XL", "size='XL'"),
-                                       ("decoder=gan", "decoder='gan'")])
+                                       ("decoder=gan", "decoder='gan'"),
+                                       ("width=0", "width='0' is not a positive integer"),
+                                       ("blocks=two", "blocks='two' is not a positive")])
 def test_bad_variants(arg, match):
     with pytest.raises(ValueError, match=match):
         config_lib.autoencoder_config(16, arg)
@@ -61,6 +78,10 @@ def test_validation_names_the_field():
         validate(c)
     c = config_lib.autoencoder_config(16, "res=96")
     with pytest.raises(ValueError, match="model.unet.channel_mult"):
+        validate(c)
+    c = config_lib.autoencoder_config(16, "demo")
+    c.data.eval_crops = 0
+    with pytest.raises(ValueError, match="data.eval_crops=0 must be >= 1"):
         validate(c)
 
 

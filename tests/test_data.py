@@ -263,6 +263,23 @@ def test_embedded_eval_is_fixed_crops_of_held_out_photos():
     assert len({img.tobytes() for img in images}) == 32  # 32 distinct views
 
 
+def test_embedded_eval_crops_and_their_seed():
+    """data.eval_crops sets the crops per held-out photo; data.eval_crop_seed moves them (other
+    crops of the same photos, at the same scales)."""
+    cfg = make_config(batch=8)
+    cfg.data.eval_crops = 4
+    base = sources.make_source(cfg, "eval")
+    assert len(base) == 16 and base.per_image == 4
+    cfg.data.eval_crop_seed = 1
+    moved = sources.make_source(cfg, "eval")
+    first, other = base[5], moved[5]
+    assert first["label"] == other["label"] and first["image"].shape == other["image"].shape
+    assert not np.array_equal(first["image"], other["image"])
+    photo = sources.load_photo(sources.EmbeddedPhotos("eval").names[1]).shape[:2]
+    box, moved_box = base.box(5, *photo), moved.box(5, *photo)
+    assert box[2] - box[0] == pytest.approx(moved_box[2] - moved_box[0])  # same scale
+
+
 # --------------------------------------------------------------------------- folder source
 
 def test_folder_labels_follow_sorted_subfolders(folder):

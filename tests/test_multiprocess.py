@@ -275,6 +275,9 @@ def test_eval_two_processes_equals_one(autoencoder, inception_weights, tmp_path)
     assert metrics == ["psnr", "ssim", "lpips", "rfid"] and set(record_1) == set(record_2)
     for key in metrics:
         assert record_2[key] == pytest.approx(record_1[key], rel=1e-5), key
+    for key in metrics[:3]:  # the same per-image values, gathered from both processes
+        assert record_2["bootstrap_std"][key] == pytest.approx(
+            record_1["bootstrap_std"][key], rel=1e-4), key
     assert json.loads((two / "eval" / f"{STEPS}.json").read_text()) == record_2
     trained = json.loads((autoencoder / "eval" / f"{STEPS}.json").read_text())
     for key in ("psnr", "ssim", "lpips"):

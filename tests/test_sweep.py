@@ -79,6 +79,8 @@ def test_one_setting_equals_mode_eval_and_writes_json_and_plot(saved, tmp_path):
                                                                           "reversed_log", 4)
     assert row["num_images"] == 16 and 0 < row["psnr"] < 60 and -1 <= row["ssim"] <= 1
     assert row["lpips"] > 0 and "rfid" not in row  # eval.rfid is off in the tiny config
+    assert set(row["bootstrap_std"]) == {"psnr", "ssim", "lpips"}
+    assert all(s > 0 for s in row["bootstrap_std"].values())  # 16 different images
     assert row["seconds_per_image"] > 0  # the second batch; the first one compiled
     assert record["json"] == f"{workdir}/eval/sweep-{STEP}.json"
     assert record["png"] == f"{workdir}/eval/sweep-{STEP}.png"

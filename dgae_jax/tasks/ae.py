@@ -11,7 +11,6 @@ reconstruction grid to TensorBoard and `<workdir>/images/<step>.png`. `--mode=sw
 
 from __future__ import annotations
 
-import functools
 import time
 
 import jax
@@ -20,12 +19,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.sharding import PartitionSpec as P
 
 from dgae_jax import diffusers_io, grids, parallel, progress
 from dgae_jax.autoencoder import Autoencoder
 from dgae_jax.data import bad_images, pipeline, sources
 from dgae_jax.metrics import frechet, image as image_metrics, inception_convert, lpips
+from dgae_jax.metrics.bootstrap import bootstrap_std
 from dgae_jax.metrics.features import FeatureCollector, InceptionFeatures
 from dgae_jax.tasks.base import Run
 
@@ -33,23 +32,6 @@ from dgae_jax.tasks.base import Run
 def to_signed(images: jax.Array) -> jax.Array:
     """uint8 [0, 255] -> float32 [-1, 1]."""
     return images.astype(jnp.float32) / 127.5 - 1.0
-
-
-def masked_sums(mesh, values: dict[str, jax.Array], mask: jax.Array) -> dict[str, jax.Array]:
-    """Sums of per-example values over the real (unpadded) examples of a batch.
-
-    Each device reduces its own shard and one psum combines them (shard_map), so no per-example
-    array is gathered anywhere.
-    """
-    axes = parallel.BATCH_AXES
-
-    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(axes), P(axes)), out_specs=P())
-    def reduce(values, mask):
-        local = {k: jnp.sum(jnp.where(mask, v, 0.0)) for k, v in values.items()}
-        local["count"] = jnp.sum(mask.astype(jnp.float32))
-        return jax.lax.psum(local, axes)
-
-    return reduce(values, mask)
 
 
 class AutoencoderTask:
@@ -150,8 +132,7 @@ class AutoencoderEvaluator:
         self.config, self.run = config, run
         self.inception = (None if inception_weights is None
                           else InceptionFeatures(run.mesh, inception_weights))
-        self._step = jax.jit(functools.partial(_eval_step, run.mesh),
-                             static_argnames=("steps", "sampler", "spacing"))
+        self._step = jax.jit(_eval_step, static_argnames=("steps", "sampler", "spacing"))
         self.num_images = pipeline.eval_size(config, sources.make_source(config, "eval"))
 
     def evaluate(self, params, step: int, *, steps: int | None = None, sampler: str | None = None,
@@ -171,7 +152,7 @@ class AutoencoderEvaluator:
         decode = ({} if config.model.decoder != "diffusion" else
                   {"steps": settings["decode_steps"], "sampler": settings["sampler"],
                    "spacing": settings["spacing"]})
-        totals, shown = None, []
+        per_image, shown = [], []
         seconds, timed_batches = 0.0, 0
         features = {"real": FeatureCollector(), "recon": FeatureCollector()}
         data = pipeline.eval_dataset(config, jax.process_index(), jax.process_count())
@@ -182,29 +163,30 @@ class AutoencoderEvaluator:
             batch = parallel.global_batch(local, run.mesh)
             rng = jax.random.fold_in(jax.random.key(config.seed), i)
             start = time.perf_counter()
-            recon, sums = self._step(run.model, params, batch, rng, **decode)
+            recon, values = self._step(run.model, params, batch, rng, **decode)
             if timed:
-                jax.block_until_ready((recon, sums))
+                jax.block_until_ready((recon, values))
                 if i > 0:
                     seconds += time.perf_counter() - start
                     timed_batches += 1
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+            per_image.append((values, batch["mask"]))
             if self.inception is not None:
                 for name, images in (("real", batch["image"]), ("recon", recon)):
                     features[name].add(self.inception(images), batch["mask"])
             if timed:
-                jax.block_until_ready(totals)  # the next batch's timing starts on an idle device
+                jax.block_until_ready(per_image)  # the next batch's timing starts on an idle device
             if grid and len(shown) * config.batch_size < config.eval.num_images:
                 shown.append((batch["image"], recon, batch["mask"]))
             meter.update(min(config.batch_size, self.num_images - meter.n))
         meter.close()
-        totals = jax.device_get(totals)
-        count = totals.pop("count")
-        results = {k: float(v / count) for k, v in totals.items()}
+        values = _real_examples(per_image)
+        results = {k: float(np.mean(v)) for k, v in values.items()}
         if self.inception is not None:
             results["rfid"] = frechet.compare(features["real"].stats(),
                                               features["recon"].stats())["fid"]
-        results["num_images"] = int(count)
+        results["num_images"] = len(values["psnr"])
+        # The spread of each mean over the choice of evaluation images (not over training).
+        results["bootstrap_std"] = {k: bootstrap_std(v) for k, v in values.items()}
         results["unreadable_images"] = (unreadable if jax.process_count() == 1 else int(
             np.sum(multihost_utils.process_allgather(np.int64(unreadable)))))
         results.update(settings)
@@ -229,10 +211,18 @@ class AutoencoderEvaluator:
             grids.save_png(grid, self.run.workdir / "images" / f"{step}.png")
 
 
-def _eval_step(mesh, model: Autoencoder, params, batch: dict, rng: jax.Array,
+def _real_examples(per_image: list) -> dict[str, np.ndarray]:
+    """Every process's per-image metrics of the (values, mask) batches, padding dropped: a few
+    floats per image, gathered once at the end of an evaluation."""
+    gathered = multihost_utils.process_allgather(per_image, tiled=True)
+    real = np.concatenate([mask for _, mask in gathered]).astype(bool)
+    return {k: np.concatenate([v[k] for v, _ in gathered])[real] for k in gathered[0][0]}
+
+
+def _eval_step(model: Autoencoder, params, batch: dict, rng: jax.Array,
                steps: int | None = None, sampler: str | None = None, spacing: str | None = None):
-    """Reconstructs a batch; returns it (uint8) with the masked sums of its metrics. The decode
-    settings are static under jit (None: the config's; the conv decoder ignores them)."""
+    """Reconstructs a batch; returns it (uint8) with its per-image metrics. The decode settings
+    are static under jit (None: the config's; the conv decoder ignores them)."""
     x = to_signed(batch["image"])
     x_hat = jnp.clip(model.reconstruct(params, x, rng, steps=steps, sampler=sampler,
                                        spacing=spacing), -1.0, 1.0)
@@ -241,4 +231,4 @@ def _eval_step(mesh, model: Autoencoder, params, batch: dict, rng: jax.Array,
     if model.lpips_weights is not None:
         values["lpips"] = lpips.lpips_distance(model.lpips_weights, x_hat, x,
                                                net=model.config.loss.lpips_net)
-    return fake.astype(jnp.uint8), masked_sums(mesh, values, batch["mask"].astype(bool))
+    return fake.astype(jnp.uint8), values
