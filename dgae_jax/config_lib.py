@@ -110,7 +110,9 @@ def autoencoder_config(factor: int, arg: str | None = None) -> ml_collections.Co
     c.sharding = dict(rules=((".*", "fsdp"),), min_fsdp_size=2**18)
     c.data = default_data_config()
     c.data.eval_subset = "imagenet_val_5k"  # rFID-5k: see docs/evaluation.md
-    c.eval = dict(num_images=8, step=config_dict.placeholder(int),
+    # tag: "" or a name that keeps this evaluation's files apart from the run's own
+    # (eval/<step>-<tag>.json, images/<step>-<tag>.png, eval/sweep-<step>-<tag>.*).
+    c.eval = dict(num_images=8, step=config_dict.placeholder(int), tag="",
                   rfid=True,  # FID of reconstructions vs inputs (needs converted weights)
                   inception_weights="",  # "" = models/inception.default_weights_path()
                   # --mode=sweep: every steps x sampler x spacing (choose on another split than
@@ -336,7 +338,7 @@ def ldm_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (configs/distill_f16.py) of that autoencoder, for 1-2 step decoding.
     c.sample = dict(num=64, classes=(), seed=0, step=config_dict.placeholder(int), decoder="")
     c.eval = dict(num_images=16, fid_samples=5_000, fid_reference="", inception_weights="",
-                  step=config_dict.placeholder(int))
+                  step=config_dict.placeholder(int), tag="")
     c.data = dict(workers=0, prefetch=2)
 
     if "demo" in v:

@@ -74,7 +74,8 @@ def sweep(run: Run, evaluator, params, step: int) -> dict:
             rows.append(row)
             meter.update(1)
     directory = run.workdir / "eval"
-    json_path, png_path = directory / f"sweep-{step}.json", directory / f"sweep-{step}.png"
+    name = f"sweep-{run.eval_name(step)}"
+    json_path, png_path = directory / f"{name}.json", directory / f"{name}.png"
     record = {"step": step, "rows": rows, "json": str(json_path), "png": str(png_path),
               "timing": TIMING}
     if run.is_lead:

@@ -62,6 +62,9 @@ def validate(config: ml_collections.ConfigDict, mode: str, *, workdir: str | Non
         _require(bool(workdir), f"--workdir is required for --mode={mode}")
         _writable(workdir, "--workdir")
     _training(config, device_count, process_count)
+    tag = config.eval.get("tag", "")
+    _require(isinstance(tag, str) and re.fullmatch(r"[A-Za-z0-9_.-]*", tag) is not None,
+             f"eval.tag={tag!r} must be letters, digits, '_', '.' or '-' (it names files)")
     if config.task in ("autoencoder", "distill"):
         _autoencoder(config)
         _data(config)

@@ -94,6 +94,21 @@ def test_one_setting_equals_mode_eval_and_writes_json_and_plot(saved, tmp_path):
     assert_same_metrics(row, eval_at(workdir, 2, "heun", "reversed_log"))
 
 
+def test_a_tagged_evaluation_keeps_its_files_apart(saved, tmp_path):
+    """eval.tag: a sweep or an evaluation at other settings (other crops, another decode
+    setting) writes beside the run's own files instead of over them."""
+    workdir, record = run_sweep(saved, tmp_path, sweep_steps=(1,), sweep_samplers=("euler",),
+                                sweep_spacings=("uniform",), tag="other")
+    assert record["json"] == f"{workdir}/eval/sweep-{STEP}-other.json"
+    assert os.path.exists(record["json"]) and os.path.exists(record["png"])
+    cfg = sweep_config()
+    cfg.eval.tag = "other"
+    modes.evaluate(cfg, workdir, AutoencoderTask(cfg, "eval"))
+    assert sorted(os.listdir(f"{workdir}/eval")) == [
+        f"{STEP}-other.json", f"sweep-{STEP}-other.json", f"sweep-{STEP}-other.png"]
+    assert os.listdir(f"{workdir}/images") == [f"{STEP}-other.png"]
+
+
 @pytest.mark.slow
 def test_every_setting_once_with_its_nfe(saved, tmp_path):
     workdir, record = run_sweep(saved, tmp_path)  # (1, 2) x both samplers x both spacings

@@ -208,7 +208,7 @@ class AutoencoderEvaluator:
         grid = grids.image_grid(np.stack([inputs[real], recon[real]]))
         self.run.writer.write_images(step, {"reconstructions": grid[None]})
         if self.run.is_lead:
-            grids.save_png(grid, self.run.workdir / "images" / f"{step}.png")
+            grids.save_png(grid, self.run.workdir / "images" / f"{self.run.eval_name(step)}.png")
 
 
 def _real_examples(per_image: list) -> dict[str, np.ndarray]:

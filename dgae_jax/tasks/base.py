@@ -34,12 +34,21 @@ class Run:
         """Process 0 writes files; every process computes."""
         return jax.process_index() == 0
 
+    def eval_name(self, step: int) -> str:
+        """The name of an evaluation of `step` in files: '<step>', or '<step>-<eval.tag>' for
+        an evaluation at other settings that must not replace the run's own."""
+        tag = self.config.eval.get("tag", "")
+        return f"{step}-{tag}" if tag else str(step)
+
     def write_eval(self, step: int, results: dict) -> None:
-        """TensorBoard scalars and `<workdir>/eval/<step>.json` (process 0)."""
-        self.writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()
+        """TensorBoard scalars (under eval/, or eval-<tag>/) and `<workdir>/eval/<step>.json`
+        (`<step>-<tag>.json`), from process 0."""
+        tag = self.config.eval.get("tag", "")
+        prefix = f"eval-{tag}" if tag else "eval"
+        self.writer.write_scalars(step, {f"{prefix}/{k}": v for k, v in results.items()
                                          if isinstance(v, (int, float))})
         if self.is_lead:
-            path = self.workdir / "eval" / f"{step}.json"
+            path = self.workdir / "eval" / f"{self.eval_name(step)}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"step": step, **results}, indent=1))
 
