@@ -137,7 +137,7 @@ class AutoencoderEvaluator:
 
     def evaluate(self, params, step: int, *, steps: int | None = None, sampler: str | None = None,
                  spacing: str | None = None, grid: bool = True,
-                 timed: bool = False) -> dict[str, float]:
+                 timed: bool = False) -> dict:
         """The metrics of `params`' reconstructions of the evaluation set.
 
         `steps`, `sampler`, `spacing` replace the config's diffusion fields (DGAE only). `grid`:
