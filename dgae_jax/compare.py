@@ -20,7 +20,6 @@ The last line printed is one JSON object.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -30,6 +29,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from dgae_jax import grids
 from dgae_jax.errors import ConfigError
 
 _OUT = flags.DEFINE_string("out", "", "Write PREFIX.png (curves) and PREFIX-images.png.")
@@ -132,15 +132,10 @@ def markdown(record: dict) -> str:
 
 def plot_curves(groups: dict[str, list[str]], title: str = "") -> bytes:
     """PNG bytes: one panel per metric the runs have, against training step."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     curves = {name: [evaluations(run) for run in runs] for name, runs in groups.items()}
     keys = [(k, label) for k, label, _ in METRICS
             if all(k in r for runs in curves.values() for evals in runs for r in evals.values())]
-    fig = Figure(figsize=(4.2 * len(keys), 3.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    fig, axes = grids.metric_panels(len(keys))
     for ax, (key, label) in zip(axes, keys):
         for i, (name, runs) in enumerate(curves.items()):
             colour = f"C{i}"
@@ -153,12 +148,7 @@ def plot_curves(groups: dict[str, list[str]], title: str = "") -> bytes:
         ax.set_xlabel("training step")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize="small")
-    if title:
-        fig.suptitle(title)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
+    return grids.panels_png(fig, axes, title)
 
 
 def stack_images(groups: dict[str, list[str]], step: int, tag: str) -> np.ndarray:

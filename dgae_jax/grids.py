@@ -19,6 +19,27 @@ def image_grid(rows: np.ndarray, pad: int = 2) -> np.ndarray:
     return grid
 
 
+def metric_panels(count: int):
+    """A matplotlib Figure with `count` panels side by side and its axes, drawn on the Agg canvas
+    directly (no pyplot, so no global backend state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * count, 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, count, squeeze=False)[0]
+
+
+def panels_png(fig, axes, title: str = "") -> bytes:
+    """The legend in the first panel, the title, and the figure as PNG bytes."""
+    axes[0].legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
 def save_png(image: np.ndarray, path: epath.Path) -> None:
     """Writes a PNG locally or to a bucket (epath)."""
     path.parent.mkdir(parents=True, exist_ok=True)

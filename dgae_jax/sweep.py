@@ -13,13 +13,12 @@ Choose the setting on a split other than the one reported, then report it with `
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 
 from absl import logging
 
-from dgae_jax import progress
+from dgae_jax import grids, progress
 from dgae_jax.tasks.base import Run
 
 # What `seconds_per_image` measures, written next to the rows.
@@ -89,14 +88,10 @@ def plot(rows: list[dict], title: str = "") -> bytes:
     """PNG bytes: one panel per metric the rows have (rFID, PSNR, LPIPS) against NFE on a log
     axis, one line per sampler x spacing. Drawn on matplotlib's Agg canvas directly (no pyplot,
     so no global backend state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
     panels = [(key, label) for key, label in PANELS if any(key in r for r in rows)]
-    fig = Figure(figsize=(4.2 * len(panels), 3.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    fig, axes = grids.metric_panels(len(panels))
     lines = sorted({_line(r) for r in rows})
     for ax, (key, label) in zip(axes, panels):
         for line in lines:
@@ -107,9 +102,4 @@ def plot(rows: list[dict], title: str = "") -> bytes:
         ax.set_xlabel("network evaluations (NFE)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize="small")
-    if title:
-        fig.suptitle(title)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
+    return grids.panels_png(fig, axes, title)
