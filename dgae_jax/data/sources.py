@@ -347,7 +347,8 @@ def make_source(config, split_name: str):
     """The source for role `split_name` ('train' or 'eval') of `config.data.name`.
 
     'embedded': EmbeddedPhotos, whose eval role is FixedCrops of the held-out photos at
-    config.image_size (data.eval_crops per photo, placed by data.eval_crop_seed); 'folder': ImageFolder(data.dir/<train_split|eval_split>);
+    config.image_size (data.eval_crops per photo, placed by data.eval_crop_seed);
+    'folder': ImageFolder(data.dir/<train_split|eval_split>);
     'tfds:<name>': tfds_source(<name>, <train_split|eval_split>, data.dir).
     For 'eval', data.eval_subset (a named subset or a file of file names) selects a fixed list
     of images, e.g. 'imagenet_val_5k', the rFID-5k protocol.
