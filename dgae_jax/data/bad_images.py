@@ -18,13 +18,9 @@ import threading
 import numpy as np
 from absl import logging
 
-from dgae_jax.data.images import BadImage
+from dgae_jax.errors import BadImage, TooManyBadImages
 
 POLICIES = ("skip", "error")
-
-
-class TooManyBadImages(RuntimeError):
-    """More of the split is unreadable than `data.max_bad_fraction` allows."""
 
 
 class SkipBadImages:

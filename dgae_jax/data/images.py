@@ -1,4 +1,4 @@
-"""Image files to uint8 RGB, whatever their mode, and one error type for those that cannot be.
+"""Image files to uint8 RGB, whatever their mode; `errors.BadImage` for those that cannot be.
 
 Real folders hold more than 8-bit RGB JPEGs: grayscale and palette images, CMYK JPEGs, RGBA and
 LA PNGs, 16-bit PNGs, and phone photos stored sideways with an EXIF orientation. Each becomes
@@ -15,15 +15,9 @@ import io
 import numpy as np
 from PIL import Image, ImageOps
 
+from dgae_jax.errors import BadImage
+
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-
-
-class BadImage(ValueError):
-    """An image that cannot be read; `path` names it (a file, or a dataset record)."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"cannot decode image {path!r}: {reason}")
-        self.path = path
 
 
 def pil_to_rgb(image: Image.Image) -> np.ndarray:

@@ -21,8 +21,7 @@ import grain
 import numpy as np
 
 from dgae_jax.data import bad_images, sources
-from dgae_jax.data.images import BadImage
-from dgae_jax.errors import ConfigError
+from dgae_jax.errors import BadImage, ConfigError
 
 CROPS = ("resize_random", "random_resized")
 

@@ -13,8 +13,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from dgae_jax.data.images import BadImage, decode_image_file
-from dgae_jax.errors import ConfigError
+from dgae_jax.data.images import decode_image_file
+from dgae_jax.errors import BadImage, ConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 

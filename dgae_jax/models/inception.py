@@ -29,18 +29,13 @@ import numpy as np
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from dgae_jax.errors import ConfigError
+from dgae_jax.errors import InceptionWeightsError
 
 INPUT_SIZE = 299
 SPATIAL_CHANNELS = 7
 _BN_EPS = 1e-3
 _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 / bf16 passes: features must match the reference
 WEIGHTS_ENV = "DGAE_JAX_INCEPTION_WEIGHTS"
-
-
-class InceptionWeightsError(ConfigError):
-    """The converted Inception weights are missing or do not fit the network (the CLI prints
-    it as one line, like a bad config field)."""
 
 
 # --------------------------------------------------------------------------------- layers
