@@ -4,9 +4,8 @@ import importlib.metadata as _metadata
 import os as _os
 
 # jaxlib 0.10's XLA:CPU sends convolutions through YNNPACK, which trains our U-Net slower than
-# XLA's own (Eigen) convolutions: on 2 cores one step of the demo-size U-Net takes 1.25-1.29 s
-# with YNNPACK and 0.98-0.99 s without, DGAE-B's 18.8 s and 14.7 s
-# (benchmarks/unet_vs_diffusers.py). Only XLA:CPU reads the flag. Set it yourself in XLA_FLAGS
+# XLA's own (Eigen) convolutions (benchmarks/unet_vs_diffusers.py times a step either way).
+# Only XLA:CPU reads the flag. Set it yourself in XLA_FLAGS
 # to choose otherwise; other jaxlib versions are left alone, as the flag is experimental and an
 # unknown flag stops XLA.
 _YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"

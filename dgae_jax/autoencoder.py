@@ -119,9 +119,8 @@ class Autoencoder:
         return nnx.merge(_graphdefs(self.config, self.module_names)[name], params[name])
 
     # ----------------------------------------------------------------------------- inference
-    def encode(self, params: Params, x: jax.Array, rng: jax.Array | None = None) -> Posterior:
-        """x: (B, H, W, 3) in [-1, 1] -> q(z|x). `rng` is unused; kept for a uniform API."""
-        del rng
+    def encode(self, params: Params, x: jax.Array) -> Posterior:
+        """x: (B, H, W, 3) in [-1, 1] -> q(z|x)."""
         dtype = jnp.dtype(self.config.model.dtype)
         return Posterior.from_moments(self._module(params, "encoder")(x.astype(dtype)))
 
@@ -147,6 +146,23 @@ class Autoencoder:
                  else jax.random.normal(rng, self.image_shape(z)))
         return self.decode_from_noise(params, z, noise, steps, sampler, spacing)
 
+    def decode_settings(self, steps: int | None = None, sampler: str | None = None,
+                        spacing: str | None = None) -> dict:
+        """The keyword arguments of a DGAE decode: each given one, else config.diffusion's. The
+        conv decoder has none ({}; giving one is an error)."""
+        if self.config.model.decoder == "conv":
+            if (steps, sampler, spacing) != (None, None, None):
+                raise ValueError("the conv decoder (model.decoder='conv') has no decode settings")
+            return {}
+        return diffusion.settings(self.config.diffusion, steps, sampler, spacing)
+
+    def decode_record(self, steps: int | None = None, sampler: str | None = None,
+                      spacing: str | None = None) -> dict:
+        """How reconstructions are decoded, as recorded next to their metrics:
+        {'decode_steps', 'sampler', 'spacing'}, or {'decode_steps': 1} for the conv decoder."""
+        settings = self.decode_settings(steps, sampler, spacing)
+        return {"decode_steps": settings.pop("steps", 1), **settings}
+
     def decode_from_noise(self, params: Params, z: jax.Array, noise: jax.Array | None,
                           steps: int | None = None, sampler: str | None = None,
                           spacing: str | None = None) -> jax.Array:
@@ -156,10 +172,8 @@ class Autoencoder:
         dtype = jnp.dtype(self.config.model.dtype)
         if self.config.model.decoder == "conv":
             return self._module(params, "decoder")(z.astype(dtype)).astype(jnp.float32)
-        d = self.config.diffusion
         return diffusion.sample(lambda x_t, t: self.velocity(params, x_t, t, z), noise,
-                                steps or d.sample_steps, sampler or d.sampler,
-                                spacing or d.spacing)
+                                **self.decode_settings(steps, sampler, spacing))
 
     def reconstruct(self, params: Params, x: jax.Array, rng: jax.Array, **decode_kwargs):
         """Decode the posterior mean (the deterministic code of x)."""

@@ -65,7 +65,7 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 
 def default_benchmark_config() -> ml_collections.ConfigDict:
-    """`--mode=benchmark` (benchmark.py): which components, how many timed calls, what batch."""
+    """`--mode=benchmark` (modes/benchmark.py): which components, how many timed calls, what batch."""
     return ml_collections.ConfigDict(dict(
         steps=10,            # timed calls of each component; 0 = compile and memory only
         components="",       # comma-separated, e.g. "unet,decode_25"; "" = all it has
@@ -133,11 +133,11 @@ def autoencoder_config(factor: int, arg: str | None = None) -> ml_collections.Co
         read_threads=16,  # grain threads decoding images ahead of the device
         benchmark=0,  # N > 0: time caching N train images against the encoder alone instead
     )
-    # --mode=reconstruct (reconstruct.py): your images through a trained run. input: an image
+    # --mode=reconstruct (modes/reconstruct.py): your images through a trained run. input: an image
     # or a folder; output: a directory (PNGs, comparison.png, metrics.json).
     c.reconstruct = dict(input="", output="", step=config_dict.placeholder(int), seed=0,
                          grid_images=16)
-    # --mode=export (export.py): format 'dgae' (inference bundle for api.load) or, for
+    # --mode=export (modes/export.py): format 'dgae' (inference bundle for api.load) or, for
     # decoder=conv, 'diffusers' (an AutoencoderKL directory); dir must not exist yet.
     c.export = dict(dir="", step=config_dict.placeholder(int), format="dgae", stat_images=1024)
     # Start training from a diffusers AutoencoderKL directory (config.json +
@@ -199,7 +199,7 @@ def autoencoder_config(factor: int, arg: str | None = None) -> ml_collections.Co
 
 
 def _shrink_to_demo(c: ml_collections.ConfigDict, factor: int) -> None:
-    """A 64 px model that trains on a laptop CPU (about 25 minutes on 2 cores)."""
+    """A 64 px model small enough to train on a laptop CPU."""
     c.name += "-demo"
     c.image_size = 64
     c.batch_size = 8

@@ -137,6 +137,7 @@ class LatentDiffusion:
         config.diffusion; jit with steps, sampler, spacing and guidance static). ddpm samples
         ancestrally on `steps` respaced timesteps, rf integrates the ODE."""
         d = self.config.diffusion
+        s = diffusion.settings(d, steps, sampler, spacing)
         guidance = d.guidance if guidance is None else guidance
         rng_noise, rng_steps = jax.random.split(rng)
         noise = jax.random.normal(rng_noise, (labels.shape[0], *self.latent_shape))
@@ -144,11 +145,8 @@ class LatentDiffusion:
         def output_fn(x_t, t):
             return self.guided_output(params, x_t, t, labels, guidance)
         if d.objective == "ddpm":
-            if (sampler or d.sampler) not in ddpm.SAMPLERS or (spacing or d.spacing) != "uniform":
+            if s["sampler"] not in ddpm.SAMPLERS or s["spacing"] != "uniform":
                 raise ValueError(f"the ddpm objective samples with {ddpm.SAMPLERS} on uniform "
-                                 f"respacing, not {sampler or d.sampler!r} on "
-                                 f"{spacing or d.spacing!r}")
-            return ddpm.sample(output_fn, noise, self.schedule.respaced(steps or d.sample_steps),
-                               rng_steps)
-        return diffusion.sample(output_fn, noise, steps or d.sample_steps,
-                                sampler or d.sampler, spacing or d.spacing)
+                                 f"respacing, not {s['sampler']!r} on {s['spacing']!r}")
+            return ddpm.sample(output_fn, noise, self.schedule.respaced(s["steps"]), rng_steps)
+        return diffusion.sample(output_fn, noise, **s)

@@ -30,6 +30,7 @@ import ml_collections
 import optax
 
 from dgae_jax import checkpoint, optim, parallel
+from dgae_jax.costs import GIB, hlo_flops
 from dgae_jax.errors import ConfigError
 from dgae_jax.tasks.base import Task
 
@@ -101,16 +102,6 @@ def build_steps(config: ml_collections.ConfigDict, task: Task,
         train_step=jax.jit(make_train_step(task, tx, config),
                            in_shardings=(model_sh, shardings, parallel.batch_sharding(mesh)),
                            out_shardings=(shardings, repl), donate_argnums=1))
-
-
-def hlo_flops(lowered: jax.stages.Lowered) -> float:
-    """FLOPs of a lowered step from XLA's cost analysis of the backend-independent HLO (a GPU's
-    compiled module hides convolutions in cuDNN calls its own analysis does not count)."""
-    cost = lowered.cost_analysis()
-    return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
-
-
-GIB = 2**30
 
 
 def compile_train_step(fns: StepFns, model, state: State, batch: dict):

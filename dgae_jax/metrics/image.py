@@ -1,6 +1,6 @@
 """Per-image PSNR and SSIM in JAX, numerically matching scikit-image.
 
-Reporting convention: decode model outputs in [-1, 1] with ``to_uint8_range``
+Reporting convention: decode model outputs in [-1, 1] with ``pixels.to_uint8_range``
 (the pixel values an 8-bit PNG of the sample would hold), then call ``psnr`` /
 ``ssim`` with the default ``data_range=255``. Both metrics take NHWC batches,
 return one float32 value per image and are jitted (and nest inside other jitted
@@ -36,16 +36,6 @@ def _compute_dtype(x: jax.Array, y: jax.Array) -> jnp.dtype:
 def _check_pair(x: jax.Array, y: jax.Array) -> None:
     if x.shape != y.shape or x.ndim != 4:
         raise ValueError(f"expected two NHWC batches of equal shape, got {x.shape} and {y.shape}")
-
-
-def to_uint8_range(x: jax.Array) -> jax.Array:
-    """Maps model outputs in [-1, 1] to the integer values (as float32) an 8-bit image would store.
-
-    This is the convention for reporting PSNR/SSIM: metrics are computed on what
-    a saved PNG would contain, so values are clipped to [0, 255] and rounded
-    (half to even), not on the raw continuous outputs.
-    """
-    return jnp.round(jnp.clip((jnp.asarray(x, jnp.float32) + 1.0) * 127.5, 0.0, 255.0))
 
 
 @jax.jit
