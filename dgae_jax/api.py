@@ -33,11 +33,11 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from dgae_jax import bundle, checkpoint, inference, parallel, progress
+from dgae_jax import bundle, parallel, pixels, progress, runs
 from dgae_jax.autoencoder import Autoencoder, unet_channel_mult
 from dgae_jax.data import images as image_files, pipeline, sources
 from dgae_jax.errors import ConfigError
-from dgae_jax.metrics.image import to_uint8_range
+from dgae_jax.tasks.trained import autoencoder_task, load_autoencoder
 
 
 def load(path: str | os.PathLike, step: int | None = None, *,
@@ -50,23 +50,11 @@ def load(path: str | os.PathLike, step: int | None = None, *,
         if step is not None and step != saved:
             raise ConfigError(f"step={step}: the bundle {path} holds step {saved}")
         return TrainedAutoencoder(config, params, step=saved, batch_size=batch_size)
-    if not (checkpoint.run_directory(path) / "checkpoints").is_dir():
+    if not runs.is_run(path):
         raise ConfigError(f"{path} is neither a run's workdir (no checkpoints/) nor an exported "
                           f"bundle (no {bundle.WEIGHTS} and {bundle.CONFIG})")
-    ckpt = checkpoint.Checkpoints(path, None)
-    try:
-        steps = ckpt.all_steps()
-        if step is not None and step not in steps:
-            raise ConfigError(f"step={step}: {ckpt.directory} has no checkpoint of that step "
-                              f"(it has {steps})")
-        read = lambda s: (s, ckpt.saved_config(s))  # noqa: E731
-        _, saved = read(step) if step is not None else ckpt.restore_intact(
-            read, fallback=True, move_aside=False)
-    finally:
-        ckpt.close()
-    config = ml_collections.ConfigDict(saved)
-    if config.get("task") not in ("autoencoder", "distill"):
-        raise ConfigError(f"{path} is a {config.get('task')!r} run, not an autoencoder")
+    _, config = runs.saved_config(path, step)
+    autoencoder_task(config, path)  # a DiT run is an error here, before any weights are read
     return TrainedAutoencoder.from_run(config, path, step, batch_size=batch_size)
 
 
@@ -95,7 +83,7 @@ class TrainedAutoencoder:
         """Checkpoint `step` (default the newest intact one) of the run in `workdir`, built
         with `config` (the run's, or one with other decode settings)."""
         mesh = parallel.local_mesh()
-        step, _, ema = inference.load_autoencoder(config, workdir, mesh, step, field)
+        step, _, ema = load_autoencoder(config, workdir, mesh, step, field)
         return cls(config, ema, step=step, batch_size=batch_size, mesh=mesh)
 
     # ----------------------------------------------------------------------------- facts
@@ -123,7 +111,7 @@ class TrainedAutoencoder:
                spacing: str | None = None, seed: int = 0):
         """uint8 images (N, h*f, w*f, 3) of latents (N, h, w, c) or (h, w, c) or a list.
         `steps`, `sampler`, `spacing` default to config.diffusion (DGAE only)."""
-        kw = self._decode_settings(steps, sampler, spacing)
+        kw = self.model.decode_settings(steps, sampler, spacing)
         return self._run(self._latents(latents), "decode",
                          lambda z, i: self._decode(self.model, self.params, z, i, seed, **kw))
 
@@ -131,7 +119,7 @@ class TrainedAutoencoder:
                     spacing: str | None = None, seed: int = 0):
         """decode(encode(images)) in one compiled step: uint8 images the size of the
         (prepared) inputs."""
-        kw = self._decode_settings(steps, sampler, spacing)
+        kw = self.model.decode_settings(steps, sampler, spacing)
         return self._run(self.prepare(images), "reconstruct",
                          lambda x, i: self._reconstruct(self.model, self.params, x, i, seed,
                                                         **kw))
@@ -145,22 +133,13 @@ class TrainedAutoencoder:
             if h % self.size_multiple or w % self.size_multiple:
                 size = self.config.image_size
                 if image.dtype != np.uint8:
-                    image = np.asarray(to_uint8_range(image), np.uint8)
+                    image = np.asarray(pixels.to_uint8(image))
                 image = sources.crop_resize(image, pipeline.square_box(h, w, size), size)
-            out.append(image.astype(np.float32) / 127.5 - 1.0 if image.dtype == np.uint8
+            out.append(pixels.to_signed(image) if image.dtype == np.uint8
                        else image.astype(np.float32))
         return out
 
     # ----------------------------------------------------------------------------- batching
-    def _decode_settings(self, steps, sampler, spacing) -> dict:
-        if self.config.model.decoder != "diffusion":
-            if (steps, sampler, spacing) != (None, None, None):
-                raise ValueError("the conv decoder (model.decoder='conv') has no decode settings")
-            return {}
-        d = self.config.diffusion
-        return {"steps": steps or d.sample_steps, "sampler": sampler or d.sampler,
-                "spacing": spacing or d.spacing}
-
     def _latents(self, latents) -> list[np.ndarray]:
         if isinstance(latents, (list, tuple)):
             arrays = [np.asarray(z, np.float32) for z in latents]
@@ -239,8 +218,7 @@ def _decode(model: Autoencoder, params, z, index, seed, **settings):
     if model.config.model.decoder == "diffusion":
         noise = jax.vmap(lambda k: jax.random.normal(k, model.image_shape(z)[1:]))(
             _keys(seed, index))
-    x = model.decode_from_noise(params, z, noise, **settings)
-    return to_uint8_range(x).astype(jnp.uint8)
+    return pixels.to_uint8(model.decode_from_noise(params, z, noise, **settings))
 
 
 def _reconstruct(model: Autoencoder, params, x, index, seed, **settings):

@@ -3,7 +3,7 @@
     config.json        the run's config (ml_collections JSON): rebuilds the model exactly
     model.safetensors  the EMA encoder and decoder, float32, keys such as
                        'encoder/levels/0/blocks/0/conv1/kernel' (header metadata: format, step)
-    model_card.json    step, evaluation figures, latent shape and statistics (export.py)
+    model_card.json    step, evaluation figures, latent shape and statistics (modes/export.py)
     README.md          the same card for people
 
 No optimiser state, discriminator or LPIPS weights: only what encoding and decoding need, in

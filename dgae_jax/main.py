@@ -1,6 +1,6 @@
 """Entry point: `python -m dgae_jax.main --config=configs/f16.py[:variants] --workdir=DIR
-[--mode=MODE]`. Flags, config validation and dispatch only: the modes are in `modes.py`, the
-tasks and the modes each supports in `tasks/registry.py`.
+[--mode=MODE]`. Flags, config validation and dispatch only: the modes are in `modes/`, the
+tasks in `tasks/`.
 """
 
 from __future__ import annotations
@@ -13,17 +13,13 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dgae_jax import modes, parallel, validation
-from dgae_jax.data.bad_images import TooManyBadImages
-from dgae_jax.data.images import BadImage
-from dgae_jax.errors import (CheckpointWriteError, ConfigError, CorruptCheckpoint,
-                             NonFiniteSteps)
-from dgae_jax.tasks import registry
+from dgae_jax.errors import ConfigError, DGAEError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/f16.py or configs/f16.py:demo,c=8.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, images).")
-_MODE = flags.DEFINE_enum("mode", "train", tuple(modes.MODES), "What to run (see modes.py).")
+_MODE = flags.DEFINE_enum("mode", "train", tuple(modes.MODES), "What to run (see modes/__init__.py).")
 
 
 def hide_accelerators_from_tensorflow() -> None:
@@ -47,10 +43,9 @@ def run(config, mode: str, workdir: str | None) -> dict | None:
         import jax
         validation.validate(config, mode, workdir=workdir, device_count=jax.device_count(),
                             process_count=jax.process_count())
-    if mode in validation.WORKDIR_MODES:  # the modes that write TensorBoard files
+    if modes.MODES[mode].workdir:  # the modes that write TensorBoard files
         hide_accelerators_from_tensorflow()
-    task = registry.make_task(config, mode)
-    return modes.MODES[mode](config, workdir, task)
+    return modes.run(config, mode, workdir)
 
 
 def main(argv) -> None:
@@ -61,8 +56,7 @@ def main(argv) -> None:
         record = run(_CONFIG.value, _MODE.value, _WORKDIR.value)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    except (BadImage, CheckpointWriteError, CorruptCheckpoint, NonFiniteSteps,
-            TooManyBadImages) as e:
+    except DGAEError as e:  # every other error of the project's (errors.py): one line
         sys.exit(f"stopped: {e}")
     if record is not None:
         print(json.dumps(record))

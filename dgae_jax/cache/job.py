@@ -1,4 +1,5 @@
-"""`--mode=cache_latents`: encode a dataset once with a trained DGAE; sharded, resumable, checked.
+"""The latent cache job (`--mode=cache_latents`): encode a dataset once with a trained DGAE;
+sharded, resumable, checked.
 
 The latent DiT trains on latents, so each image of the chosen splits (`cache.splits`) is encoded
 once, in its deterministic eval view, with the EMA encoder of a checkpoint, and its posterior
@@ -29,18 +30,18 @@ from collections.abc import Callable
 
 import grain
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from dgae_jax import checkpoint, inference, parallel
+from dgae_jax import checkpoint, parallel, pixels
 from dgae_jax.cache import format, writer
 from dgae_jax.cache.format import Shard
 from dgae_jax.data import pipeline, sources
 from dgae_jax.errors import ConfigError
+from dgae_jax.tasks.trained import load_autoencoder
 
 
 def finished(directory: epath.Path, shard: Shard, ident: dict) -> dict | None:
@@ -100,7 +101,7 @@ def make_encoder(model, mesh: jax.sharding.Mesh, flip: bool) -> Callable:
     flip = bool(flip)
 
     def encode(params, images):
-        x = images.astype(jnp.float32) / 127.5 - 1.0
+        x = pixels.to_signed(images)
         q = model.encode({"encoder": params}, x)
         out = {"mean": q.mean, "logvar": q.logvar}
         if flip:
@@ -117,7 +118,7 @@ def restore_encoder(config: ml_collections.ConfigDict, workdir: str,
     EMA item is read, verified, onto the config's mesh, then gathered to every process. Without
     a step, the newest intact checkpoint (a corrupt newer one is logged and skipped)."""
     mesh = parallel.make_mesh(config.mesh)
-    step, _, ema = inference.load_autoencoder(config, workdir, mesh, step, field="cache.step")
+    step, _, ema = load_autoencoder(config, workdir, mesh, step, field="cache.step")
     logging.info("cache_latents: the EMA encoder of step %d from %s", step, workdir)
     encoder = ema["encoder"]
     if jax.process_count() == 1:
@@ -239,7 +240,7 @@ def run_job(config, workdir: str, model, step: int, params: dict, directory: epa
 
 
 def cache_latents(config: ml_collections.ConfigDict, workdir: str, task) -> dict:
-    """`--mode=cache_latents`: the cache in `cache.dir` (benchmark.py times it instead)."""
+    """The cache in `cache.dir` of the run in `workdir`."""
     split_sources = {s: sources.cache_source(config, s) for s in config.cache.splits}
     step, params = restore_encoder(config, workdir, config.cache.step)
     mesh = parallel.local_mesh()

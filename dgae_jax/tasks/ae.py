@@ -1,17 +1,14 @@
 """The autoencoder task: DGAE (or the SD-VAE baseline) plugged into the shared trainer.
 
-Batches arrive as uint8 images and are mapped to [-1, 1] on the device (4x less host-to-device
-traffic than float32). Evaluation reconstructs a fixed evaluation set with the EMA parameters at
-the configured decode steps and sampler and reports PSNR, SSIM (on uint8-rounded images, the
-usual convention), LPIPS when the LPIPS term is enabled, and rFID (FID of the reconstructions
-against the inputs, FID Inception features) when `eval.rfid` is on; it also writes an input |
-reconstruction grid to TensorBoard and `<workdir>/images/<step>.png`. `--mode=sweep`
-(`sweep.py`) calls the same evaluation with decode settings other than the config's.
+Batches arrive as uint8 images and are mapped to [-1, 1] on the device (pixels.py). Evaluation
+is `ae_eval.AutoencoderEvaluator`'s. The task also owns its config checks, its benchmark
+components (encoder, U-Net, whole decodes, the conv decoder at the same latent shape), the decode
+settings `--mode=sweep` evaluates, and how a trained run loads for inference.
 """
 
 from __future__ import annotations
 
-import time
+import os
 
 import jax
 import jax.numpy as jnp
@@ -20,34 +17,53 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from dgae_jax import diffusers_io, grids, parallel, progress
+from dgae_jax import checks, diffusers_io, diffusion, parallel, pixels, runs
 from dgae_jax.autoencoder import Autoencoder
+from dgae_jax.checks import require
 from dgae_jax.data import bad_images, pipeline, sources
-from dgae_jax.metrics import frechet, image as image_metrics, inception_convert, lpips
-from dgae_jax.metrics.bootstrap import bootstrap_std
-from dgae_jax.metrics.features import FeatureCollector, InceptionFeatures
+from dgae_jax.metrics import inception_convert, lpips
+from dgae_jax.models.unet import ADM_CHANNEL_MULT, REMAT
+from dgae_jax.costs import hlo_flops
+from dgae_jax.tasks.ae_eval import AutoencoderEvaluator
 from dgae_jax.tasks.base import Run
 
-
-def to_signed(images: jax.Array) -> jax.Array:
-    """uint8 [0, 255] -> float32 [-1, 1]."""
-    return images.astype(jnp.float32) / 127.5 - 1.0
+EVALUATING_MODES = ("train", "eval", "sweep")  # the modes that load the FID Inception for rFID
 
 
 class AutoencoderTask:
-    modes = ("train", "eval", "summary", "benchmark", "cache_latents", "sweep", "reconstruct",
-             "export")
-
     def __init__(self, config: ml_collections.ConfigDict, mode: str = "train"):
         """Loads what `mode` needs: LPIPS (a loss term and an evaluation metric) for all but
-        caching, the FID Inception only for the modes that evaluate."""
+        caching and export, the FID Inception only for the modes that evaluate."""
         self.config = config
         self.model = Autoencoder.from_config(config,
                                              with_lpips=mode not in ("cache_latents", "export"))
         # Loaded now so that missing weights stop the run at start, not at the first eval.
-        evaluates = config.eval.rfid and mode in ("train", "eval", "sweep")
+        evaluates = config.eval.rfid and mode in EVALUATING_MODES
         self.inception_weights = (inception_convert.load_or_convert(
             config.eval.inception_weights or None) if evaluates else None)
+
+    @classmethod
+    def check_config(cls, config: ml_collections.ConfigDict, mode: str) -> None:
+        """The model, loss, data and evaluation fields; the init.*_from directories (train)."""
+        _check_model(config)
+        _check_data(config)
+        e = config.eval
+        checks.not_negative(config, "eval.num_images")
+        checks.optional_step(config, "eval.step")
+        if mode in EVALUATING_MODES and e.rfid and e.inception_weights:
+            checks.file(e.inception_weights, "eval.inception_weights")
+        if mode == "train":
+            _check_init(config)
+
+    @classmethod
+    def load_trained(cls, config: ml_collections.ConfigDict, workdir: str,
+                     mesh: jax.sharding.Mesh, step: int | None = None,
+                     field: str = "eval.step") -> tuple[int, Autoencoder, dict]:
+        """(step, Autoencoder without LPIPS weights, EMA parameters on `mesh`) of a trained run:
+        all that encoding and decoding need."""
+        model = Autoencoder.from_config(config, with_lpips=False)
+        step, ema = runs.restore_ema(config, workdir, Autoencoder.init, model, mesh, step, field)
+        return step, model, ema
 
     @staticmethod
     def init_params(model: Autoencoder, rng: jax.Array):
@@ -55,7 +71,7 @@ class AutoencoderTask:
 
     @staticmethod
     def loss_fn(model: Autoencoder, params, batch: dict, rng: jax.Array, step: jax.Array):
-        return model.loss_fn(params, {"image": to_signed(batch["image"])}, rng, step)
+        return model.loss_fn(params, {"image": pixels.to_signed(batch["image"])}, rng, step)
 
     def train_data(self, process_index: int, process_count: int):
         self._train_source = sources.make_source(self.config, "train")
@@ -102,133 +118,111 @@ class AutoencoderTask:
                 "discriminator_params": param_totals.get("discriminator", 0),
                 "latent_shape": list(shape), "latent_size": int(np.prod(shape))}
 
-    def evaluator(self, run: Run) -> "AutoencoderEvaluator":
+    def evaluator(self, run: Run) -> AutoencoderEvaluator:
         return AutoencoderEvaluator(self.config, run, self.inception_weights)
 
+    def sweep_settings(self) -> list[dict]:
+        """eval.sweep_samplers x eval.sweep_spacings x eval.sweep_steps, grouped by sampler x
+        spacing (one plotted line each), steps as configured."""
+        e = self.config.eval
+        return [{"steps": int(n), "sampler": sampler, "spacing": spacing}
+                for sampler in e.sweep_samplers for spacing in e.sweep_spacings
+                for n in e.sweep_steps]
 
-def decode_settings(config: ml_collections.ConfigDict, steps: int | None = None,
-                    sampler: str | None = None, spacing: str | None = None) -> dict:
-    """How reconstructions are decoded: the config's diffusion fields, each replaced by its
-    argument when given; recorded next to the metrics. The conv baseline takes none."""
-    if config.model.decoder != "diffusion":
-        if (steps, sampler, spacing) != (None, None, None):
-            raise ValueError("the conv decoder (model.decoder='conv') has no decode settings")
-        return {"decode_steps": 1}
-    d = config.diffusion
-    return {"decode_steps": d.sample_steps if steps is None else steps,
-            "sampler": sampler or d.sampler, "spacing": spacing or d.spacing}
+    # ----------------------------------------------------------------------------- benchmark
+    def benchmark_names(self) -> tuple[str, ...]:
+        """encoder, then (DGAE) one U-Net forward and whole decodes of benchmark.decode_steps
+        steps, then the SD-VAE baseline's decoder at the same latent shape."""
+        decodes = (("unet", *(f"decode_{n}" for n in self.config.benchmark.decode_steps))
+                   if self.config.model.decoder == "diffusion" else ())
+        return ("encoder", *decodes, "conv_decoder")
 
-
-class AutoencoderEvaluator:
-    """PSNR / SSIM / LPIPS / rFID of EMA reconstructions over the whole evaluation set; built once
-    per run (the jitted reconstruction step and the Inception network on the run's mesh).
-
-    The reconstruction step is one `jax.jit` with the decode settings (steps, sampler, spacing)
-    as static arguments, made here once: it compiles once per setting (the first batch of an
-    evaluation at a new setting), and later evaluations at a setting already seen reuse it.
-    """
-
-    def __init__(self, config: ml_collections.ConfigDict, run: Run, inception_weights):
-        self.config, self.run = config, run
-        self.inception = (None if inception_weights is None
-                          else InceptionFeatures(run.mesh, inception_weights))
-        self._step = jax.jit(_eval_step, static_argnames=("steps", "sampler", "spacing"))
-        self.num_images = pipeline.eval_size(config, sources.make_source(config, "eval"))
-
-    def evaluate(self, params, step: int, *, steps: int | None = None, sampler: str | None = None,
-                 spacing: str | None = None, grid: bool = True,
-                 timed: bool = False) -> dict:
-        """The metrics of `params`' reconstructions of the evaluation set.
-
-        `steps`, `sampler`, `spacing` replace the config's diffusion fields (DGAE only). `grid`:
-        write the input | reconstruction grid. `timed`: also `seconds_per_image`, the wall time
-        of the jitted reconstruction step (decode plus PSNR / SSIM / LPIPS, waited for batch by
-        batch) per image slot of every batch but the first, which compiles and is left out; data
-        loading and rFID's Inception features are not counted; None when there is only one
-        batch. Every process computes and returns the same metrics (its own timing).
-        """
-        run, config = self.run, self.config
-        settings = decode_settings(config, steps, sampler, spacing)
-        decode = ({} if config.model.decoder != "diffusion" else
-                  {"steps": settings["decode_steps"], "sampler": settings["sampler"],
-                   "spacing": settings["spacing"]})
-        per_image, shown = [], []
-        seconds, timed_batches = 0.0, 0
-        features = {"real": FeatureCollector(), "recon": FeatureCollector()}
-        data = pipeline.eval_dataset(config, jax.process_index(), jax.process_count())
-        unreadable = 0
-        meter = progress.bar(self.num_images, "eval", quiet=self.num_images <= config.batch_size)
-        for i, local in enumerate(data):
-            unreadable += int(np.sum(local["unreadable"]))
-            batch = parallel.global_batch(local, run.mesh)
-            rng = jax.random.fold_in(jax.random.key(config.seed), i)
-            start = time.perf_counter()
-            recon, values = self._step(run.model, params, batch, rng, **decode)
-            if timed:
-                jax.block_until_ready((recon, values))
-                if i > 0:
-                    seconds += time.perf_counter() - start
-                    timed_batches += 1
-            per_image.append((values, batch["mask"]))
-            if self.inception is not None:
-                for name, images in (("real", batch["image"]), ("recon", recon)):
-                    features[name].add(self.inception(images), batch["mask"])
-            if timed:
-                jax.block_until_ready(per_image)  # the next batch's timing starts on an idle device
-            if grid and len(shown) * config.batch_size < config.eval.num_images:
-                shown.append((batch["image"], recon, batch["mask"]))
-            meter.update(min(config.batch_size, self.num_images - meter.n))
-        meter.close()
-        values = _real_examples(per_image)
-        results = {k: float(np.mean(v)) for k, v in values.items()}
-        if self.inception is not None:
-            results["rfid"] = frechet.compare(features["real"].stats(),
-                                              features["recon"].stats())["fid"]
-        results["num_images"] = len(values["psnr"])
-        # The spread of each mean over the choice of evaluation images (not over training).
-        results["bootstrap_std"] = {k: bootstrap_std(v) for k, v in values.items()}
-        results["unreadable_images"] = (unreadable if jax.process_count() == 1 else int(
-            np.sum(multihost_utils.process_allgather(np.int64(unreadable)))))
-        results.update(settings)
-        if timed:
-            results["seconds_per_image"] = (seconds / (timed_batches * config.batch_size)
-                                            if timed_batches else None)
-        if grid:
-            self._write_grid(step, shown)
-        return results
-
-    def _write_grid(self, step: int, shown: list) -> None:
-        """The first `eval.num_images` evaluation images over their reconstructions."""
-        if not shown:
-            return
-        inputs, recon, mask = (
-            np.concatenate([np.asarray(multihost_utils.process_allgather(a, tiled=True))
-                            for a in arrays]) for arrays in zip(*shown))
-        real = np.flatnonzero(mask)[:self.config.eval.num_images]
-        grid = grids.image_grid(np.stack([inputs[real], recon[real]]))
-        self.run.writer.write_images(step, {"reconstructions": grid[None]})
-        if self.run.is_lead:
-            grids.save_png(grid, self.run.workdir / "images" / f"{self.run.eval_name(step)}.png")
+    def benchmark_components(self, names, params, mesh: jax.sharding.Mesh, data) -> dict:
+        """A decode's FLOPs are its U-Net evaluations times one U-Net's (lowered, not
+        compiled): XLA counts a loop body once. The conv decoder of a DGAE config gets fresh
+        parameters."""
+        config, model = self.config, self.model
+        key = jax.device_put(jax.random.key(0), parallel.replicated(mesh))
+        t = data(fill=0.5)
+        x, z = data(config.image_size, config.image_size, 3), data(*model.latent_shape)
+        out = {"encoder": (lambda p, x: model.encode(p, x).mean, (params, x), None),
+               "unet": (model.velocity, (params, x, t, z), None)}
+        if any(n.startswith("decode_") for n in names):
+            unet_flops = hlo_flops(jax.jit(model.velocity).lower(params, x, t, z))
+            for steps in config.benchmark.decode_steps:
+                out[f"decode_{steps}"] = (
+                    lambda p, z, k, s=steps: model.decode(p, z, k, steps=s), (params, z, key),
+                    diffusion.nfe(steps, config.diffusion.sampler) * unet_flops)
+        if "conv_decoder" in names:
+            conv_config = ml_collections.ConfigDict(config.to_dict())
+            conv_config.model.decoder, conv_config.loss.gan_weight = "conv", 0.0
+            conv = Autoencoder.from_config(conv_config, with_lpips=False)
+            conv_params = (params if config.model.decoder == "conv" else
+                           jax.jit(conv.init, out_shardings=parallel.replicated(mesh))(key))
+            out["conv_decoder"] = (lambda p, z, k: conv.decode(p, z, k), (conv_params, z, key),
+                                   None)
+        return {name: out[name] for name in names}
 
 
-def _real_examples(per_image: list) -> dict[str, np.ndarray]:
-    """Every process's per-image metrics of the (values, mask) batches, padding dropped: a few
-    floats per image, gathered once at the end of an evaluation."""
-    gathered = multihost_utils.process_allgather(per_image, tiled=True)
-    real = np.concatenate([mask for _, mask in gathered]).astype(bool)
-    return {k: np.concatenate([v[k] for v, _ in gathered])[real] for k in gathered[0][0]}
+# ------------------------------------------------------------------------------- config checks
+def _check_model(config) -> None:
+    m = config.model
+    f = 2 ** (len(m.encoder.channel_mult) - 1)
+    require(f == m.spatial_factor,
+            f"model.encoder.channel_mult has {len(m.encoder.channel_mult)} levels, a factor of "
+            f"{f}, but model.spatial_factor is {m.spatial_factor}")
+    require(config.image_size % f == 0,
+            f"image_size={config.image_size} is not divisible by the spatial factor {f}")
+    checks.positive(config, "image_size", "model.latent_channels", "model.norm_groups")
+    checks.one_of(m.decoder, ("diffusion", "conv"), "model.decoder")
+    checks.one_of(m.dtype, checks.DTYPES, "model.dtype")
+    if m.decoder == "diffusion":
+        mult = tuple(m.unet.channel_mult) or ADM_CHANNEL_MULT.get(config.image_size)
+        require(mult is not None, f"model.unet.channel_mult is empty and ADM has no default for "
+                f"image_size={config.image_size}; set it explicitly")
+        require(config.image_size % 2 ** (len(mult) - 1) == 0,
+                f"image_size={config.image_size} is not divisible by the U-Net's "
+                f"{len(mult) - 1} downsamplings (model.unet.channel_mult)")
+        checks.one_of(m.unet.remat, REMAT, "model.unet.remat")
+        require(m.unet.attention in (None, "xla", "cudnn"),
+                f"model.unet.attention={m.unet.attention!r} is not None, 'xla' or 'cudnn'")
+        checks.rectified_flow(config)
+    checks.not_negative(config, *(f"loss.{w}" for w in ("velocity_weight", "kl_weight",
+                                                        "lpips_weight", "l1_weight",
+                                                        "gan_weight")))
+    checks.one_of(config.loss.lpips_net, lpips.NETS, "loss.lpips_net")
 
 
-def _eval_step(model: Autoencoder, params, batch: dict, rng: jax.Array,
-               steps: int | None = None, sampler: str | None = None, spacing: str | None = None):
-    """Reconstructs a batch; returns it (uint8) with its per-image metrics. The decode settings
-    are static under jit (None: the config's; the conv decoder ignores them)."""
-    x = to_signed(batch["image"])
-    x_hat = jnp.clip(model.reconstruct(params, x, rng, steps=steps, sampler=sampler,
-                                       spacing=spacing), -1.0, 1.0)
-    real, fake = image_metrics.to_uint8_range(x), image_metrics.to_uint8_range(x_hat)
-    values = {"psnr": image_metrics.psnr(real, fake), "ssim": image_metrics.ssim(real, fake)}
-    if model.lpips_weights is not None:
-        values["lpips"] = lpips.lpips_distance(model.lpips_weights, x_hat, x,
-                                               net=model.config.loss.lpips_net)
-    return fake.astype(jnp.uint8), values
+def _check_data(config) -> None:
+    d = config.data
+    name = d.name
+    require(name in ("embedded", "folder") or (isinstance(name, str) and name.startswith("tfds:")
+                                               and len(name) > len("tfds:")),
+            f"unknown data.name={name!r}; expected 'embedded', 'folder' or "
+            "'tfds:<tfds dataset name>' (e.g. 'tfds:imagenet2012')")
+    if name == "folder":
+        require(bool(d.dir), "data.name='folder' needs data.dir (the folder holding the splits)")
+        require(os.path.isdir(d.dir) or "://" in d.dir,
+                f"data.dir={d.dir!r} does not exist or is not a directory")
+    checks.one_of(d.crop, pipeline.CROPS, "data.crop")
+    checks.one_of(d.bad_images, bad_images.POLICIES, "data.bad_images")
+    require(0 <= d.max_bad_fraction <= 1,
+            f"data.max_bad_fraction={d.max_bad_fraction} is not in [0, 1]")
+    require(0 < d.min_scale <= 1, f"data.min_scale={d.min_scale} is not in (0, 1]")
+    checks.not_negative(config, "data.eval_size")
+    require(d.get("eval_crops", 8) >= 1, f"data.eval_crops={d.get('eval_crops')} must be >= 1")
+    if d.eval_subset:
+        path = sources.NAMED_SUBSETS.get(d.eval_subset, d.eval_subset)
+        require(os.path.isfile(path), f"data.eval_subset={d.eval_subset!r} is neither one of "
+                f"{sorted(sources.NAMED_SUBSETS)} nor a file of file names")
+
+
+def _check_init(config) -> None:
+    """init.*_from: diffusers AutoencoderKL directories whose architecture is this config's."""
+    i = config.init
+    if i.encoder_from:
+        diffusers_io.check_compatible(i.encoder_from, config, ("encoder",), "init.encoder_from")
+    if i.decoder_from:
+        require(config.model.decoder == "conv", "init.decoder_from needs model.decoder='conv' "
+                "(the SD-VAE decoder); DGAE's diffusion decoder trains from scratch")
+        diffusers_io.check_compatible(i.decoder_from, config, ("decoder",), "init.decoder_from")

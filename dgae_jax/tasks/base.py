@@ -1,17 +1,19 @@
 """What a task is: the `Task` protocol the loop and the modes call, and the `Run` they share.
 
-A task (the autoencoder, the latent DiT) owns what differs between models: the model pytree, its
-parameters and loss, its training data, and its evaluator. Everything else (mesh, sharded state,
-jitted step, checkpoints, logging, preemption) is the loop's, in `trainer.py`, which imports this
-module; tasks never import the loop. `tasks/registry.py` maps `config.task` to a task and the
-modes it supports.
+A task (the autoencoder, its distilled student, the latent DiT) owns what differs between
+models: its config checks, the model pytree, its parameters and loss, its training data, its
+evaluator, its benchmark components and, for autoencoders, how a trained run loads. Everything
+else (mesh, sharded state, jitted step, checkpoints, logging, preemption) is the loop's, in
+`trainer.py`, which imports this module; tasks never import the loop or the modes.
+`tasks/registry.py` maps `config.task` to a task; each mode (modes/) names the tasks it serves.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, ClassVar, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import jax
 import ml_collections
@@ -65,18 +67,17 @@ class Evaluator(Protocol):
     def evaluate(self, params, step: int) -> dict[str, float]: ...
 
 
-class Sampler(Evaluator, Protocol):
-    """The evaluator of a task that supports `--mode=sample`."""
-
-    def sample(self, params, step: int) -> dict: ...
-
-
 class Task(Protocol):
-    """What a model brings to the loop. `model` is a pytree (static config + frozen arrays such
-    as LPIPS weights) handed to every jitted function as an argument, never closed over."""
+    """What a model brings to the loop and the modes. `model` is a pytree (static config + frozen
+    arrays such as LPIPS weights) handed to every jitted function as an argument, never closed
+    over. Which modes apply to which tasks is declared by the modes (modes/)."""
 
-    modes: ClassVar[tuple[str, ...]]  # the --mode values this task supports
     model: Any
+
+    @classmethod
+    def check_config(cls, config: ml_collections.ConfigDict, mode: str) -> None:
+        """Raises ConfigError naming the first bad field of the task's own config sections,
+        before the task is built (validation.py calls it after the cross-cutting checks)."""
 
     @staticmethod
     def init_params(model, rng: jax.Array) -> Any: ...
@@ -100,3 +101,27 @@ class Task(Protocol):
     def describe(self, param_totals: dict[str, int]) -> dict: ...
 
     def evaluator(self, run: Run) -> Evaluator: ...
+
+    def benchmark_names(self) -> tuple[str, ...]:
+        """The inference components `--mode=benchmark` can time besides the train step."""
+
+    def benchmark_components(self, names, params, mesh: jax.sharding.Mesh,
+                             data: Callable) -> dict[str, tuple[Callable, tuple, float | None]]:
+        """name -> (function, arguments, FLOPs or None for XLA's count) of the named components
+        on `params`; `data(*shape, dtype=, fill=)` gives a global batch of synthetic inputs."""
+
+
+class AutoencoderLike(Task, Protocol):
+    """A task whose runs hold an autoencoder (DGAE or SD-VAE, a distilled student): what the
+    Python API, the latent cache, the sweep and the DiT's decoding load."""
+
+    @classmethod
+    def load_trained(cls, config: ml_collections.ConfigDict, workdir: str,
+                     mesh: jax.sharding.Mesh, step: int | None = None,
+                     field: str = "eval.step") -> tuple[int, Any, dict]:
+        """(step, Autoencoder without LPIPS weights, EMA {'encoder', 'decoder'} on `mesh`) of
+        checkpoint `step` (default the newest intact one) of the run in `workdir`."""
+
+    def sweep_settings(self) -> list[dict]:
+        """The decode settings `--mode=sweep` evaluates, keyword arguments of the evaluator's
+        `evaluate`."""

@@ -7,27 +7,30 @@ policy and evaluation. Its config is the teacher's architecture (`configs/distil
 variants as the teacher's) plus a `distill` section; `distill.teacher` names the teacher's run,
 whose saved config must have the same model and image size (checked when the task starts). Its
 checkpoints hold the student decoder only: evaluation, the sweep, reconstruct, export, the API
-and the DiT's decoding pair it with the teacher's EMA encoder (inference.load_autoencoder), so a
-student decodes the teacher's latents, a latent cache made with the teacher included.
+and the DiT's decoding pair it with the teacher's EMA encoder (`load_trained`), so a student
+decodes the teacher's latents, a latent cache made with the teacher included.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import ml_collections
 
-from dgae_jax import inference, parallel
+from dgae_jax import checks, diffusion, parallel, runs
+from dgae_jax.autoencoder import Autoencoder
+from dgae_jax.checks import require
 from dgae_jax.distill import Distillation
+from dgae_jax.errors import ConfigError
 from dgae_jax.metrics import lpips
-from dgae_jax.tasks.ae import AutoencoderEvaluator, AutoencoderTask
+from dgae_jax.tasks.ae import AutoencoderTask
+from dgae_jax.tasks.ae_eval import AutoencoderEvaluator
 from dgae_jax.tasks.base import Run
 
 
 class DistillationTask(AutoencoderTask):
-    modes = ("train", "eval", "sweep", "reconstruct", "export")
-
     def __init__(self, config: ml_collections.ConfigDict, mode: str = "train"):
         """Loads the teacher's EMA parameters onto the config's mesh (replicated: they are part
         of the model pytree), after checking its networks are the student's."""
@@ -35,15 +38,56 @@ class DistillationTask(AutoencoderTask):
         ae = self.model
         if config.distill.lpips_weight > 0 and ae.lpips_weights is None:
             ae = dataclasses.replace(ae, lpips_weights=lpips.load_weights(config.loss.lpips_net))
-        teacher_config, step = inference.teacher_run(config)
-        config.distill.teacher_step = step  # saved with each checkpoint: the student's teacher
         mesh = parallel.make_mesh(config.mesh)
-        self.teacher_step, _, teacher = inference.load_autoencoder(
-            teacher_config, config.distill.teacher, mesh, step, "distill.teacher_step")
+        self.teacher_step, teacher = load_teacher(config, mesh)
+        config.distill.teacher_step = self.teacher_step  # saved with each checkpoint
         self.model = Distillation(ae, jax.device_put(teacher, parallel.replicated(mesh)))
+
+    @classmethod
+    def check_config(cls, config: ml_collections.ConfigDict, mode: str) -> None:
+        """The autoencoder's checks, the distill section, and a sweep's teacher steps."""
+        super().check_config(config, mode)
+        d = config.distill
+        require(config.model.decoder == "diffusion",
+                "task='distill' needs model.decoder='diffusion' (a DGAE teacher)")
+        require(bool(d.teacher), "distill.teacher is required: the teacher run's workdir")
+        checks.run_workdir(d.teacher, "distill.teacher")
+        checks.optional_step(config, "distill.teacher_step")
+        checks.positive(config, "distill.teacher_steps")
+        checks.one_of(d.teacher_sampler, diffusion.SAMPLERS, "distill.teacher_sampler")
+        checks.one_of(d.teacher_spacing, diffusion.SPACINGS, "distill.teacher_spacing")
+        checks.distinct_positive_ints(d.student_steps, "distill.student_steps")
+        checks.not_negative(config, "distill.mse_weight", "distill.lpips_weight")
+        require(d.mse_weight + d.lpips_weight > 0,
+                "distill.mse_weight and distill.lpips_weight are both 0: nothing to train on")
+        if mode == "sweep":
+            checks.distinct_positive_ints(config.eval.sweep_teacher_steps,
+                                          "eval.sweep_teacher_steps", at_least_one=False)
+
+    @classmethod
+    def load_trained(cls, config: ml_collections.ConfigDict, workdir: str,
+                     mesh: jax.sharding.Mesh, step: int | None = None,
+                     field: str = "eval.step") -> tuple[int, Autoencoder, dict]:
+        """The student decoder of the run (its checkpoints hold nothing else) with its
+        teacher's EMA encoder."""
+        model = Autoencoder.from_config(config, with_lpips=False)
+        step, student = runs.restore_ema(config, workdir, _decoder_init, model, mesh, step, field)
+        _, teacher = load_teacher(config, mesh)
+        return step, model, {"encoder": teacher["encoder"], "decoder": student["decoder"]}
 
     def pretrained_params(self) -> dict:
         return {}  # init_params already copies the teacher
+
+    def sweep_settings(self) -> list[dict]:
+        """The student's grid (the autoencoder's), then the teacher at eval.sweep_teacher_steps
+        with its sampler and spacing, so both are on one plot."""
+        d, e = self.config.distill, self.config.eval
+        return [dict(s, decoder="student") for s in super().sweep_settings()] + [
+            {"steps": int(n), "sampler": d.teacher_sampler, "spacing": d.teacher_spacing,
+             "decoder": "teacher"} for n in e.sweep_teacher_steps]
+
+    def benchmark_names(self) -> tuple[str, ...]:
+        return ()  # the train step only: the student's inference is the autoencoder's
 
     def describe(self, param_totals: dict[str, int]) -> dict:
         d = self.config.distill
@@ -69,3 +113,42 @@ class StudentEvaluator:
         chosen = (self.distillation.student(params) if decoder == "student"
                   else self.distillation.teacher)
         return dict(self.inner.evaluate(chosen, step, **kwargs), decoder=decoder)
+
+
+def teacher_run(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, int]:
+    """(saved config, step) of a distillation's teacher (distill.teacher, at distill.teacher_step
+    or its newest step), which must have been trained with the student's image size and model."""
+    d = config.distill
+    step, saved = runs.saved_config(d.teacher, d.teacher_step, "distill.teacher_step")
+    ours = json.loads(config.to_json_best_effort())
+    theirs = json.loads(saved.to_json_best_effort())
+    for key in ("image_size", "model"):
+        if ours[key] != theirs[key]:
+            where = first_difference(theirs[key], ours[key], key)
+            raise ConfigError(f"distill.teacher={d.teacher!r} was trained with {where}: the "
+                              "student must have the teacher's networks (use its config variants)")
+    return saved, step
+
+
+def load_teacher(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tuple[int, dict]:
+    """(step, EMA {'encoder', 'decoder'} on `mesh`) of the teacher (a DGAE, or itself a
+    student)."""
+    teacher_config, step = teacher_run(config)
+    task = DistillationTask if teacher_config.task == "distill" else AutoencoderTask
+    step, _, params = task.load_trained(teacher_config, config.distill.teacher, mesh, step,
+                                        "distill.teacher_step")
+    return step, params
+
+
+def first_difference(theirs, ours, path: str) -> str:
+    """'model.unet.width=128, this config 64' for the first field where two JSON trees differ."""
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        for key in sorted(theirs.keys() | ours.keys()):
+            if theirs.get(key) != ours.get(key):
+                return first_difference(theirs.get(key), ours.get(key), f"{path}.{key}")
+    return f"{path}={theirs!r}, this config {ours!r}"
+
+
+def _decoder_init(model: Autoencoder, rng: jax.Array) -> dict:
+    """The shapes of a distillation run's parameters: a decoder."""
+    return {"decoder": model.init(rng)["decoder"]}

@@ -21,15 +21,21 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from dgae_jax import checkpoint, grids, inference, parallel, progress
+from dgae_jax import checks, ddpm, grids, parallel, pixels, progress, runs
 from dgae_jax.autoencoder import Autoencoder
 from dgae_jax.cache import reader
+from dgae_jax.checks import require
 from dgae_jax.data import pipeline, sources
 from dgae_jax.errors import ConfigError
-from dgae_jax.ldm import LatentDiffusion
-from dgae_jax.metrics import frechet, image as image_metrics, inception_convert
+from dgae_jax.ldm import OBJECTIVES, LatentDiffusion
+from dgae_jax.metrics import frechet, inception_convert
 from dgae_jax.metrics.features import FeatureCollector, InceptionFeatures
 from dgae_jax.tasks.base import Run
+from dgae_jax.tasks.trained import load_autoencoder
+
+LATENT_MODES = ("sample", "mean")  # cache.latent: train on posterior samples or means
+ABSTRACT_MODES = ("summary", "benchmark")  # built from the config alone: no cache is opened
+EVALUATING_MODES = ("train", "eval")  # the modes that load the FID Inception for gFID
 
 
 def autoencoder_config(manifest: dict) -> ml_collections.ConfigDict:
@@ -42,14 +48,7 @@ def autoencoder_config(manifest: dict) -> ml_collections.ConfigDict:
 def student_config(workdir: str, cache_checkpoint: dict) -> ml_collections.ConfigDict:
     """The config of the distillation run `workdir` (sample.decoder), whose teacher must be the
     checkpoint the cache was encoded with: the student decodes that encoder's latents."""
-    ckpt = checkpoint.Checkpoints(workdir, None)
-    try:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise ConfigError(f"sample.decoder={workdir!r} has no checkpoint")
-        config = ml_collections.ConfigDict(ckpt.saved_config(steps[-1]))
-    finally:
-        ckpt.close()
+    _, config = runs.saved_config(workdir)
     teacher = (config.distill.teacher, config.distill.teacher_step) if "distill" in config else None
     wanted = (cache_checkpoint["workdir"], cache_checkpoint["step"])
     if teacher is None or (os.path.abspath(teacher[0]), teacher[1]) != (
@@ -61,15 +60,13 @@ def student_config(workdir: str, cache_checkpoint: dict) -> ml_collections.Confi
 
 
 class LatentDiffusionTask:
-    modes = ("train", "eval", "summary", "benchmark", "sample")
-
     def __init__(self, config: ml_collections.ConfigDict, mode: str = "train"):
         """summary and benchmark build the model from config alone; the other modes open the
         latent cache, and those that evaluate load the FID Inception."""
         self.config = config
         self.model = LatentDiffusion.from_config(config)
         self.cache = self.inception_weights = None
-        if mode in ("summary", "benchmark"):
+        if mode in ABSTRACT_MODES:
             return
         self.cache = reader.LatentSource(config.cache.dir, "train", verify=config.cache.verify)
         if self.cache.mean is None:
@@ -79,9 +76,47 @@ class LatentDiffusionTask:
             raise ConfigError(f"model.latent_size={config.model.latent_size}, model."
                               f"latent_channels={config.model.latent_channels} do not match the "
                               f"cache's latents {shape}")
-        if config.eval.fid_samples and mode in ("train", "eval"):
+        if config.eval.fid_samples and mode in EVALUATING_MODES:
             self.inception_weights = inception_convert.load_or_convert(
                 config.eval.inception_weights or None)
+
+    @classmethod
+    def check_config(cls, config: ml_collections.ConfigDict, mode: str) -> None:
+        """The DiT, its diffusion, the latent cache, sampling and evaluation fields."""
+        m = config.model
+        checks.positive(config, "model.hidden", "model.heads", "model.depth", "model.patch_size",
+                        "model.latent_size", "model.latent_channels", "model.num_classes")
+        require(m.hidden % m.heads == 0 and (m.hidden // m.heads) % 2 == 0,
+                f"model.hidden={m.hidden} does not split into model.heads={m.heads} heads of "
+                "even width")
+        require(m.latent_size % m.patch_size == 0,
+                f"model.patch_size={m.patch_size} does not divide model.latent_size="
+                f"{m.latent_size}")
+        require(0 <= m.label_dropout < 1,
+                f"model.label_dropout={m.label_dropout} is not in [0, 1)")
+        checks.one_of(m.dtype, checks.DTYPES, "model.dtype")
+        _check_diffusion(config)
+        checks.not_negative(config, "diffusion.guidance")
+        checks.one_of(config.cache.latent, LATENT_MODES, "cache.latent")
+        if mode not in ABSTRACT_MODES:
+            require(bool(config.cache.dir), "cache.dir is required: the latent cache written by "
+                    "--mode=cache_latents")
+            require(os.path.isdir(config.cache.dir) or "://" in config.cache.dir,
+                    f"cache.dir={config.cache.dir!r} does not exist")
+        s, e = config.sample, config.eval
+        bad = [c for c in s.classes if not 0 <= c < m.num_classes]
+        require(not bad, f"sample.classes={bad} are outside [0, {m.num_classes}) "
+                f"(model.num_classes={m.num_classes})")
+        checks.positive(config, "sample.num")
+        if s.decoder:
+            checks.run_workdir(s.decoder, "sample.decoder")
+        checks.not_negative(config, "eval.num_images", "eval.fid_samples")
+        checks.optional_step(config, "sample.step", "eval.step")
+        if mode in EVALUATING_MODES:
+            if e.fid_reference:
+                checks.file(e.fid_reference, "eval.fid_reference")
+            if e.inception_weights and e.fid_samples:
+                checks.file(e.inception_weights, "eval.inception_weights")
 
     @staticmethod
     def init_params(model: LatentDiffusion, rng: jax.Array):
@@ -121,6 +156,14 @@ class LatentDiffusionTask:
     def evaluator(self, run: Run) -> "LatentDiffusionEvaluator":
         return LatentDiffusionEvaluator(self.config, run, self.cache, self.inception_weights)
 
+    def benchmark_names(self) -> tuple[str, ...]:
+        return ("dit",)  # one DiT forward
+
+    def benchmark_components(self, names, params, mesh: jax.sharding.Mesh, data) -> dict:
+        t, labels = data(fill=0.5), data(dtype=np.int32, fill=0)
+        latents = data(*self.model.latent_shape)
+        return {"dit": (self.model.output, (params, latents, t, labels), None)}
+
 
 class LatentDiffusionEvaluator:
     """Sampling and gFID for one run: built once, it restores the DGAE named by the cache's
@@ -134,7 +177,7 @@ class LatentDiffusionEvaluator:
         if config.sample.decoder:  # a distilled student of the cache's autoencoder
             self.ae_config = student_config(config.sample.decoder, ckpt)
             workdir, step, field = config.sample.decoder, None, "sample.decoder"
-        _, self.ae, self.ae_params = inference.load_autoencoder(
+        _, self.ae, self.ae_params = load_autoencoder(
             self.ae_config, workdir, run.mesh, step, field=field)
         self.inception = (None if inception_weights is None
                           else InceptionFeatures(run.mesh, inception_weights))
@@ -144,7 +187,7 @@ class LatentDiffusionEvaluator:
             rng_z, rng_x = jax.random.split(rng)
             z = ldm.sample(params, labels, rng_z) * std + mean
             x = jnp.clip(ae.decode(ae_params, z, rng_x), -1.0, 1.0)
-            return image_metrics.to_uint8_range(x).astype(jnp.uint8)
+            return pixels.to_uint8(x)
         self._generate = jax.jit(generate, out_shardings=parallel.batch_sharding(run.mesh))
 
     def generate(self, params, labels: np.ndarray, seed: int):
@@ -237,3 +280,22 @@ def check_label(example: dict, *, num_classes: int) -> dict:
         raise ValueError(f"latent cache example {example['id']} has label {example['label']}, "
                          f"outside [0, model.num_classes={num_classes})")
     return example
+
+
+def _check_diffusion(config) -> None:
+    """The objective's fields: rectified flow's, or DDPM's schedule and respaced sampling."""
+    d = config.diffusion
+    checks.one_of(d.objective, OBJECTIVES, "diffusion.objective")
+    if d.objective == "rf":
+        checks.rectified_flow(config)
+        return
+    checks.one_of(d.sampler, ddpm.SAMPLERS, "diffusion.sampler")
+    checks.one_of(d.spacing, ddpm.SPACINGS, "diffusion.spacing")
+    require(d.num_timesteps >= 2, f"diffusion.num_timesteps={d.num_timesteps} must be >= 2")
+    scale = 1000 / d.num_timesteps
+    require(0 < d.beta_start < d.beta_end and d.beta_end * scale < 1,
+            f"diffusion.beta_start={d.beta_start}, beta_end={d.beta_end} must satisfy 0 < start "
+            f"< end < {d.num_timesteps / 1000} (num_timesteps / 1000)")
+    require(2 <= d.sample_steps <= d.num_timesteps,
+            f"diffusion.sample_steps={d.sample_steps} is not in [2, diffusion.num_timesteps="
+            f"{d.num_timesteps}]")

@@ -13,7 +13,9 @@ import jax
 import ml_collections
 
 from dgae_jax import parallel
-from dgae_jax.steps import build_steps, hlo_flops
+from dgae_jax.costs import hlo_flops
+from dgae_jax.modes.base import ALL_TASKS, Mode
+from dgae_jax.steps import build_steps
 
 
 def count_by_module(params, depth: int) -> dict[str, int]:
@@ -58,3 +60,6 @@ def summarize(config: ml_collections.ConfigDict, task) -> dict:
     print(f"latent shape {tuple(record['latent_shape'])}; train step (global batch "
           f"{config.batch_size}): {flops / 1e12:.2f} TFLOPs")
     return record
+
+
+MODE = Mode(summarize, ALL_TASKS, workdir=False)

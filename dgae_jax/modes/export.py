@@ -24,9 +24,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from dgae_jax import api, bundle, checkpoint, diffusers_io, progress
+from dgae_jax import api, bundle, checkpoint, checks, diffusers_io, progress
 from dgae_jax.data import pipeline
-from dgae_jax.tasks.ae import decode_settings
+from dgae_jax.modes.base import AUTOENCODER_TASKS, Mode
+
+FORMATS = ("dgae", "diffusers")
 
 
 def latent_statistics(config: ml_collections.ConfigDict, ae: api.TrainedAutoencoder) -> dict:
@@ -63,7 +65,7 @@ def model_card(config: ml_collections.ConfigDict, workdir: str, ae: api.TrainedA
     return {"name": config.name, "source": os.path.abspath(workdir), "step": ae.step,
             "decoder": config.model.decoder, "image_size": config.image_size,
             "latent_shape": list(ae.latent_shape), "size_multiple": ae.size_multiple,
-            "parameters": counts, "decode": decode_settings(config),
+            "parameters": counts, "decode": ae.model.decode_record(),
             "evaluation": evaluation_of(workdir, ae.step), "latent_statistics": stats}
 
 
@@ -114,3 +116,22 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                              "README.md": text})
     return {"dir": str(out), "format": e.format, "step": ae.step,
             "latent_shape": card["latent_shape"], "latent_std": card["latent_statistics"]["std"]}
+
+
+def check(config: ml_collections.ConfigDict, device_count: int | None) -> None:
+    e = config.export
+    checks.require(bool(e.dir), "export.dir is required: the directory to create")
+    checks.require(not os.path.exists(e.dir),
+                   f"export.dir={e.dir!r} already exists; name a new one")
+    checks.writable(e.dir, "export.dir")
+    checks.one_of(e.format, FORMATS, "export.format")
+    checks.require(e.format != "diffusers" or config.model.decoder == "conv",
+                   "export.format='diffusers' needs model.decoder='conv': AutoencoderKL has no "
+                   "diffusion decoder")
+    checks.optional_step(config, "export.step")
+    checks.positive(config, "export.stat_images")
+    if e.format == "diffusers":
+        diffusers_io.check_exportable(config, "export.format")
+
+
+MODE = Mode(export, AUTOENCODER_TASKS, uses_task=False, one_process=True, check=check)

@@ -7,19 +7,24 @@ same metrics, images and noise as `--mode=eval`; only the decode is recompiled p
 writes `<workdir>/eval/sweep-<step>.json` (one row per setting) and `sweep-<step>.png` (rFID,
 PSNR and LPIPS against network evaluations, one line per sampler x spacing).
 
-Choose the setting on a split other than the one reported, then report it with `--mode=eval`
-(see `modes.sweep` and the README).
+Choose the setting on a split other than the one you report, so the choice does not fit the
+reported images: sweep on a different validation subset or a held-out part of the training data
+(`--config.data.eval_split=... --config.data.eval_subset=...`, or for the embedded photos other
+crops, `--config.data.eval_crop_seed=1`), then report with `--mode=eval
+--config.diffusion.sample_steps=N --config.diffusion.sampler=S --config.diffusion.spacing=T` on
+the reported split.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 
+import ml_collections
 from absl import logging
 
-from dgae_jax import grids, progress
-from dgae_jax.tasks.base import Run
+from dgae_jax import checks, diffusion, grids, progress
+from dgae_jax.modes.base import AUTOENCODER_TASKS, Mode, restored_run
+from dgae_jax.tasks.base import AutoencoderLike
 
 # What `seconds_per_image` measures, written next to the rows.
 TIMING = ("seconds_per_image: wall time of the jitted reconstruction step (decode + PSNR/SSIM/"
@@ -30,41 +35,23 @@ TIMING = ("seconds_per_image: wall time of the jitted reconstruction step (decod
 PANELS = (("rfid", "rFID"), ("psnr", "PSNR (dB)"), ("lpips", "LPIPS"))
 
 
-def nfe(steps: int, sampler: str) -> int:
-    """Velocity-network evaluations of one decode: Euler one per step; Heun two per step, the
-    last included (`diffusion.sample` evaluates the corrector at t = 0 too)."""
-    return steps * {"euler": 1, "heun": 2}[sampler]
-
-
-def settings(config) -> list[dict]:
-    """The grid, grouped by sampler x spacing (one plotted line each), steps as configured. A
-    distillation run's grid is its student's, then its teacher's at eval.sweep_teacher_steps
-    (the teacher's sampler and spacing), so both are on one plot."""
-    e = config.eval
-    grid = [{"steps": int(n), "sampler": sampler, "spacing": spacing}
-            for sampler, spacing, n in itertools.product(e.sweep_samplers, e.sweep_spacings,
-                                                         e.sweep_steps)]
-    if config.task != "distill":
-        return grid
-    d = config.distill
-    return [dict(s, decoder="student") for s in grid] + [
-        {"steps": int(n), "sampler": d.teacher_sampler, "spacing": d.teacher_spacing,
-         "decoder": "teacher"} for n in e.sweep_teacher_steps]
-
-
 def _line(row: dict) -> tuple:
     """The plotted line of a row: (decoder of a distillation run,) sampler, spacing."""
     return tuple(row[k] for k in ("decoder", "sampler", "spacing") if k in row)
 
 
-def sweep(run: Run, evaluator, params, step: int) -> dict:
-    """Evaluates `params` at every setting of `run.config`'s grid; process 0 writes the JSON and
-    the plot. Returns {'step', 'rows', 'json', 'png', 'timing'}."""
-    rows, grid = [], settings(run.config)
+def sweep(config: ml_collections.ConfigDict, workdir: str, task: AutoencoderLike) -> dict:
+    """The evaluation of a saved run's EMA autoencoder (the newest intact checkpoint, or
+    eval.step) at every setting of the task's grid: PSNR, SSIM, LPIPS, rFID (with eval.rfid),
+    network evaluations (NFE) and seconds per image (of the reconstruction step, over every batch
+    but the first, which compiles) of each. Process 0 writes the JSON and the plot; every process
+    computes. Returns {'step', 'rows', 'json', 'png', 'timing'}."""
+    run, step, params = restored_run(config, workdir, task, config.eval.step, "eval.step")
+    evaluator, grid, rows = task.evaluator(run), task.sweep_settings(), []
     with progress.bar(len(grid), "sweep", unit="setting") as meter:
         for s in grid:
             results = evaluator.evaluate(params, step, grid=False, timed=True, **s)
-            row = {**s, "nfe": nfe(s["steps"], s["sampler"])}
+            row = {**s, "nfe": diffusion.nfe(s["steps"], s["sampler"])}
             row.update({k: results[k] for k in ("psnr", "ssim", "lpips", "rfid") if k in results})
             row["seconds_per_image"] = results["seconds_per_image"]
             row["num_images"] = results["num_images"]
@@ -81,6 +68,7 @@ def sweep(run: Run, evaluator, params, step: int) -> dict:
         directory.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(record, indent=1))
         png_path.write_bytes(plot(rows, f"{run.workdir.name}, step {step}"))
+    run.writer.flush()
     return record
 
 
@@ -103,3 +91,23 @@ def plot(rows: list[dict], title: str = "") -> bytes:
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
     return grids.panels_png(fig, axes, title)
+
+
+def check(config: ml_collections.ConfigDict, device_count: int | None) -> None:
+    """A diffusion decoder, and a grid of distinct steps, samplers and spacings."""
+    checks.require(config.model.decoder == "diffusion",
+                   f"--mode=sweep needs model.decoder='diffusion', not {config.model.decoder!r}: "
+                   "the conv decoder (SD-VAE baseline) has no decode steps, sampler or spacing to "
+                   "sweep")
+    e = config.eval
+    checks.distinct_positive_ints(e.sweep_steps, "eval.sweep_steps")
+    for field, allowed in (("sweep_samplers", diffusion.SAMPLERS),
+                           ("sweep_spacings", diffusion.SPACINGS)):
+        values = tuple(e[field])
+        checks.require(bool(values) and set(values) <= set(allowed)
+                       and len(set(values)) == len(values),
+                       f"eval.{field}={values!r} must be distinct names from {allowed}, at least "
+                       "one")
+
+
+MODE = Mode(sweep, AUTOENCODER_TASKS, check=check)

@@ -1,5 +1,6 @@
-"""`--config.cache.benchmark=N`: the caching job's throughput next to its encoder's alone, to show
-how close the host side (decoding, fetching, writing) keeps the job to the device's speed."""
+"""The caching job's throughput next to its encoder's alone (`--mode=cache_latents
+--config.cache.benchmark=N`), to show how close the host side (decoding, fetching, writing)
+keeps the job to the device's speed."""
 
 from __future__ import annotations
 

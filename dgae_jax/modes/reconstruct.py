@@ -24,11 +24,12 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from dgae_jax import api, grids, progress
+from dgae_jax import api, checks, grids, pixels, progress
 from dgae_jax.data import images as image_files, sources
 from dgae_jax.errors import ConfigError
 from dgae_jax.metrics import image as image_metrics, lpips
-from dgae_jax.tasks.ae import decode_settings
+from dgae_jax.modes.base import AUTOENCODER_TASKS, Mode
+from dgae_jax.tasks.base import AutoencoderLike
 
 GRID_COLUMNS = 8
 
@@ -59,15 +60,19 @@ def output_names(names: list[str]) -> list[str]:
     return out
 
 
-def reconstruct(config: ml_collections.ConfigDict, workdir: str, lpips_weights) -> dict:
+def reconstruct(config: ml_collections.ConfigDict, workdir: str, task: AutoencoderLike) -> dict:
     """Reconstructs reconstruct.input with the EMA parameters of reconstruct.step (default the
-    newest intact checkpoint) and writes reconstruct.output; returns the mean metrics."""
+    newest intact checkpoint) and writes reconstruct.output; returns the mean metrics. LPIPS is
+    the task's loss network, loaded for the metric when the loss has no LPIPS term."""
+    lpips_weights = task.model.lpips_weights
+    if lpips_weights is None:
+        lpips_weights = lpips.load_weights(config.loss.lpips_net)
     r = config.reconstruct
     files = input_files(r.input)
     names = output_names([rel for rel, _ in files])
     images = [image_files.decode_image_file(path) for _, path in files]
     ae = api.TrainedAutoencoder.from_run(config, workdir, r.step, field="reconstruct.step")
-    inputs = [np.asarray(image_metrics.to_uint8_range(x), np.uint8) for x in ae.prepare(images)]
+    inputs = [np.asarray(pixels.to_uint8(x)) for x in ae.prepare(images)]
     recons = list(ae.reconstruct(inputs, seed=r.seed))
     rows = _metrics(config, lpips_weights, [rel for rel, _ in files], inputs, recons)
     out = os.path.abspath(r.output)
@@ -81,7 +86,7 @@ def reconstruct(config: ml_collections.ConfigDict, workdir: str, lpips_weights) 
     mean = {k: float(np.mean([row[k] for row in rows])) for k in ("psnr", "ssim", "lpips")}
     record = {"step": ae.step, "workdir": os.path.abspath(workdir), "input": r.input,
               "num_images": len(rows), "seed": r.seed, "lpips_net": config.loss.lpips_net,
-              **decode_settings(config), "mean": mean, "images": rows}
+              **ae.model.decode_record(), "mean": mean, "images": rows}
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(record, f, indent=1)
     return {k: v for k, v in record.items() if k != "images"} | {"output": out}
@@ -98,7 +103,8 @@ def _metrics(config, lpips_weights, names, inputs, recons) -> list[dict]:
             rows.append({"name": name, "shape": list(real.shape),
                          "psnr": float(image_metrics.psnr(a, b)[0]),
                          "ssim": float(image_metrics.ssim(a, b)[0]),
-                         "lpips": float(distance(lpips_weights, a / 127.5 - 1, b / 127.5 - 1)[0])})
+                         "lpips": float(distance(lpips_weights, pixels.to_signed(a),
+                                                 pixels.to_signed(b))[0])})
             meter.update(1)
     return rows
 
@@ -123,3 +129,18 @@ def comparison(inputs: list[np.ndarray], recons: list[np.ndarray], tile: int) ->
     if len(inputs) <= GRID_COLUMNS:  # a single band: no white padding columns
         rows = [row[:len(inputs)] for row in rows]
     return grids.image_grid(np.stack(rows))
+
+
+def check(config: ml_collections.ConfigDict, device_count: int | None) -> None:
+    r = config.reconstruct
+    checks.require(bool(r.input),
+                   "reconstruct.input is required: an image file or a folder of images")
+    checks.require(os.path.exists(r.input),
+                   f"reconstruct.input={r.input!r}: no such file or directory")
+    checks.require(bool(r.output), "reconstruct.output is required: the directory to write into")
+    checks.writable(r.output, "reconstruct.output")
+    checks.optional_step(config, "reconstruct.step")
+    checks.positive(config, "reconstruct.grid_images")
+
+
+MODE = Mode(reconstruct, AUTOENCODER_TASKS, one_process=True, check=check)

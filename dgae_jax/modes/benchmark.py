@@ -1,12 +1,14 @@
 """`--mode=benchmark`: time the train step and each inference component on synthetic inputs.
 
-Components (`config.benchmark.components`, comma-separated; "" = all the config has):
-    train_step     the exact step the trainer runs (forward, backward, optimizer, EMA)
-    encoder        the encoder's forward (posterior moments)
-    unet           one U-Net forward, the unit of a DGAE decode
-    decode_N       a whole DGAE decode of N flow steps, N in `benchmark.decode_steps`
-    conv_decoder   the SD-VAE baseline's decoder at the same latent shape (fresh parameters)
-    dit            one DiT forward (latent diffusion configs)
+Components (`config.benchmark.components`, comma-separated; "" = all the config has): the exact
+train step the trainer runs (forward, backward, optimizer, EMA), then the task's inference
+components (`Task.benchmark_names`):
+    autoencoder    encoder (posterior moments), unet (one U-Net forward, the unit of a DGAE
+                   decode), decode_N (a whole DGAE decode of N flow steps, N in
+                   `benchmark.decode_steps`), conv_decoder (the SD-VAE baseline's decoder at
+                   the same latent shape, fresh parameters)
+    ldm            dit (one DiT forward)
+    distill        none: the student's inference is the autoencoder's
 
 Each reports compile time, time per call, images/s, XLA's FLOP count of the call, TFLOP/s per
 device, MFU against the device's dense bf16 peak (PEAK_BF16_TFLOPS; none on CPU), XLA's memory
@@ -17,17 +19,18 @@ input pipeline out of the measurement; the trainer's logged throughput includes 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from dgae_jax import parallel
-from dgae_jax.autoencoder import Autoencoder
+from dgae_jax import checks, parallel
+from dgae_jax.costs import GIB, hlo_flops
 from dgae_jax.errors import ConfigError
-from dgae_jax.sweep import nfe
-from dgae_jax.steps import GIB, build_steps, compile_train_step, describe_compiled, hlo_flops
+from dgae_jax.modes.base import ALL_TASKS, Mode
+from dgae_jax.steps import build_steps, compile_train_step, describe_compiled
 
 # Dense bf16 peak TFLOP/s per chip (vendor data sheets; H100/H200 SXM without sparsity). The
 # first key found in jax's device_kind wins, so the more specific names come first.
@@ -58,23 +61,9 @@ def synthetic_batch(config: ml_collections.ConfigDict, task, mesh) -> dict:
     return parallel.global_batch({k: fill(v) for k, v in specs.items()}, mesh)
 
 
-def component_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The components a config has, in the order they are timed."""
-    if config.task == "ldm":
-        return ("train_step", "dit")
-    if config.task != "autoencoder":  # e.g. a distillation: its train step only
-        return ("train_step",)
-    decodes = (("unet", *(f"decode_{n}" for n in config.benchmark.decode_steps))
-               if config.model.decoder == "diffusion" else ())
-    return ("train_step", "encoder", *decodes, "conv_decoder")
-
-
-def inference_components(config: ml_collections.ConfigDict, model, params, mesh,
-                         names) -> dict:
-    """name -> (function, arguments, FLOPs or None) of the named inference components at the
-    benchmark batch size, the data sharded over the mesh's batch axes. A decode's FLOPs are its
-    U-Net evaluations times one U-Net's (lowered, not compiled): XLA counts a loop body once;
-    None leaves the count to XLA."""
+def synthetic_inputs(config: ml_collections.ConfigDict, mesh) -> Callable:
+    """data(*shape, dtype=float32, fill=None): a global batch of the benchmark batch size,
+    sharded over the mesh's batch axes, of normal values or `fill`."""
     batch = config.benchmark.batch_size or config.batch_size
     rng = np.random.default_rng(1)
 
@@ -82,30 +71,7 @@ def inference_components(config: ml_collections.ConfigDict, model, params, mesh,
         local = (batch // jax.process_count(), *shape)
         values = rng.standard_normal(local) if fill is None else np.full(local, fill)
         return parallel.global_batch({"x": values.astype(dtype)}, mesh)["x"]
-
-    key = jax.device_put(jax.random.key(0), parallel.replicated(mesh))
-    t = data(fill=0.5)
-    if config.task == "ldm":
-        labels = data(dtype=np.int32, fill=0)
-        return {"dit": (model.output, (params, data(*model.latent_shape), t, labels), None)}
-    x, z = data(config.image_size, config.image_size, 3), data(*model.latent_shape)
-    out = {"encoder": (lambda p, x: model.encode(p, x).mean, (params, x), None),
-           "unet": (model.velocity, (params, x, t, z), None)}
-    if any(n.startswith("decode_") for n in names):
-        unet_flops = hlo_flops(jax.jit(model.velocity).lower(params, x, t, z))
-        for steps in config.benchmark.decode_steps:
-            out[f"decode_{steps}"] = (lambda p, z, k, s=steps: model.decode(p, z, k, steps=s),
-                                      (params, z, key),
-                                      nfe(steps, config.diffusion.sampler) * unet_flops)
-    if "conv_decoder" in names:
-        conv_config = ml_collections.ConfigDict(config.to_dict())
-        conv_config.model.decoder, conv_config.loss.gan_weight = "conv", 0.0
-        conv = Autoencoder.from_config(conv_config, with_lpips=False)
-        conv_params = (params if config.model.decoder == "conv" else
-                       jax.jit(conv.init, out_shardings=parallel.replicated(mesh))(key))
-        out["conv_decoder"] = (lambda p, z, k: conv.decode(p, z, k), (conv_params, z, key),
-                               None)
-    return {name: out[name] for name in names}
+    return data
 
 
 def _utilisation(flops: float, seconds: float, devices: int, peak: float | None) -> dict:
@@ -169,7 +135,7 @@ def _time_train_step(config, fns, model, state, batch, mesh, peak) -> dict:
 def benchmark(config: ml_collections.ConfigDict, task) -> dict:
     """Every requested component, in order, each logged as it finishes."""
     b = config.benchmark
-    names = component_names(config)
+    names = ("train_step", *task.benchmark_names())
     wanted = [n.strip() for n in b.components.split(",") if n.strip()]
     unknown = sorted(set(wanted) - set(names))
     if unknown:
@@ -191,8 +157,8 @@ def benchmark(config: ml_collections.ConfigDict, task) -> dict:
         components["train_step"] = _time_train_step(config, fns, model, state, batch, mesh, peak)
         logging.info("benchmark train_step: %s", _brief(components["train_step"]))
     images = b.batch_size or config.batch_size
-    inference = inference_components(config, task.model, params, mesh,
-                                     [n for n in names if n != "train_step"])
+    inference = task.benchmark_components([n for n in names if n != "train_step"], params, mesh,
+                                          synthetic_inputs(config, mesh))
     for name, (fn, args, flops) in inference.items():
         components[name] = time_component(fn, args, steps=b.steps, images=images,
                                           devices=mesh.size, peak=peak, flops=flops)
@@ -210,3 +176,17 @@ def _brief(record: dict) -> str:
         if record["mfu"] is not None:
             parts.append(f"MFU {100 * record['mfu']:.1f}%")
     return ", ".join(parts)
+
+
+def check(config: ml_collections.ConfigDict, device_count: int | None) -> None:
+    b = config.benchmark
+    checks.not_negative(config, "benchmark.steps", "benchmark.batch_size")
+    checks.require(all(n > 0 for n in b.decode_steps),
+                   f"benchmark.decode_steps={tuple(b.decode_steps)} must all be positive")
+    if device_count is not None:
+        checks.require(b.batch_size % device_count == 0,
+                       f"benchmark.batch_size={b.batch_size} (global) is not divisible by the "
+                       f"{device_count} devices")
+
+
+MODE = Mode(benchmark, ALL_TASKS, workdir=False, check=check)
