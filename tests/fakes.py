@@ -103,13 +103,3 @@ def ldm_train_config():
     cfg.ema_decay = 0.9
     return cfg
 
-
-def override(cfg, fields: dict):
-    """Sets dotted config fields ({'model.unet.width': 8}) in place; returns `cfg`."""
-    for key, value in fields.items():
-        *parents, leaf = key.split(".")
-        node = cfg
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg

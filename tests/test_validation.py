@@ -8,7 +8,7 @@ import pytest
 from dgae_jax import config_lib, main
 from dgae_jax.errors import ConfigError
 from dgae_jax.validation import validate
-from fakes import override
+from helpers import override
 
 AE, LDM = "autoencoder", "ldm"
 
