@@ -1,11 +1,14 @@
 """Test doubles for the trainer: a DiT task on random stored posteriors (no cache on disk, no
-decoding), a batch stream that records ids and can send SIGTERM, and a small mesh."""
+decoding) and variants of it that fail or narrate, a batch stream that records ids and can send
+SIGTERM, and a small mesh. The fault tests' subprocess scripts import the variants from here."""
 
 import os
 import signal
+import time
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -95,6 +98,50 @@ class SyntheticLatentTask(LatentDiffusionTask):
         return NoEvaluation()
 
 
+class PoisonedTask(SyntheticLatentTask):
+    """The synthetic DiT task whose loss is NaN at the given (0-based) state steps."""
+
+    def __init__(self, config, poison=()):
+        super().__init__(config)
+        self.poison = jnp.asarray(sorted(poison) or [-1])
+
+    def loss_fn(self, model, params, batch, rng, step):
+        loss, metrics = super().loss_fn(model, params, batch, rng, step)
+        nan = jnp.where(jnp.any(self.poison == step), jnp.nan, 0.0)
+        return loss + nan, dict(metrics, loss=metrics["loss"] + nan)
+
+
+class FailingData(SyntheticLatentTask):
+    """The synthetic DiT task whose data stream raises at batch `fail_at`."""
+
+    def __init__(self, config, fail_at):
+        super().__init__(config)
+        self.fail_at = fail_at
+
+    def train_data(self, process_index, process_count):
+        def fail(count, batch):
+            if count == self.fail_at:
+                raise OSError(f"cannot read shard 7 (batch {count})")
+        return HookedStream(super().train_data(process_index, process_count), fail)
+
+
+class NarratedTask(SyntheticLatentTask):
+    """The synthetic DiT task telling a watching test what it does: `BATCH i` as batch i is
+    handed out, `EVAL step` as an evaluation starts (which then lasts a moment)."""
+
+    def train_data(self, process_index, process_count):
+        return HookedStream(super().train_data(process_index, process_count),
+                            lambda count, batch: print(f"BATCH {count}", flush=True))
+
+    def evaluator(self, run):
+        class Slow:
+            def evaluate(self, params, step):
+                print(f"EVAL {step}", flush=True)
+                time.sleep(0.5)
+                return {}
+        return Slow()
+
+
 def ldm_train_config():
     cfg = config_lib.ldm_config("demo")
     cfg.model.update(hidden=32, depth=2, heads=2, num_classes=4)
@@ -103,13 +150,3 @@ def ldm_train_config():
     cfg.ema_decay = 0.9
     return cfg
 
-
-def override(cfg, fields: dict):
-    """Sets dotted config fields ({'model.unet.width': 8}) in place; returns `cfg`."""
-    for key, value in fields.items():
-        *parents, leaf = key.split(".")
-        node = cfg
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg

@@ -13,15 +13,12 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from dgae_jax import api, bundle, checkpoint, diffusers_io, diffusion, modes, parallel, validation
+from dgae_jax import api, bundle, diffusers_io, diffusion, modes, parallel, validation
 from dgae_jax.data import pipeline
 from dgae_jax.errors import ConfigError
-from dgae_jax.steps import build_steps
 from dgae_jax.tasks import registry
-from dgae_jax.tasks.ae import AutoencoderTask
 
-from conftest import synthetic_state
-from test_latent_cache import demo_config
+from helpers import demo_config, save_run
 
 STEP = 5
 
@@ -32,21 +29,11 @@ def run_mode(cfg, mode, workdir):
     return modes.MODES[mode](cfg, workdir, registry.make_task(cfg, mode))
 
 
-def save_run(workdir, cfg):
-    """A run of `cfg` with one checkpoint of synthetic weights; returns its EMA parameters."""
-    task = AutoencoderTask(cfg, "export")
-    state = synthetic_state(build_steps(cfg, task, parallel.make_mesh(cfg.mesh)).abstract_state)
-    ckpt = checkpoint.Checkpoints(str(workdir), cfg)
-    ckpt.save(STEP, state, iter(task.train_data(0, 1)), force=True)
-    ckpt.close()
-    return state["ema"]
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("api")
     cfg = demo_config(**{"diffusion.sample_steps": 2})
-    ema = save_run(root / "run", cfg)
+    ema = save_run(root / "run", cfg, STEP)["ema"]
     photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()]
     images = [np.asarray(Image.fromarray(p).resize((32, 32), Image.Resampling.BICUBIC))
               for p in photos]
@@ -176,7 +163,7 @@ def test_export_round_trip(run, tmp_path):
 @pytest.mark.slow
 def test_the_conv_baseline_exports_as_a_diffusers_autoencoder(tmp_path):
     cfg = demo_config(**{"model.decoder": "conv"})
-    ema = save_run(tmp_path / "run", cfg)
+    ema = save_run(tmp_path / "run", cfg, STEP)["ema"]
     cfg.export.update(dir=str(tmp_path / "vae"), format="diffusers")
     record = run_mode(cfg, "export", str(tmp_path / "run"))
     assert record["format"] == "diffusers" and record["step"] == STEP

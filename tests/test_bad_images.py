@@ -13,7 +13,7 @@ from dgae_jax import trainer
 from dgae_jax.data import bad_images, pipeline, sources
 from dgae_jax.data.images import BadImage, decode_image_file
 from fakes import SyntheticLatentTask, ldm_train_config, mesh_of
-from test_data import folder_config, take, write_image
+from helpers import folder_config, take, write_image
 
 
 def save(image: Image.Image, path, **kwargs):

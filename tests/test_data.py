@@ -5,40 +5,21 @@ import itertools
 import pathlib
 import time
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 from absl import flags
 
-from dgae_jax import config_lib
 from dgae_jax.data import pipeline, sources
 
+from helpers import data_config, folder_config, take, write_image
+
 DATA_DIR = pathlib.Path(pipeline.__file__).parent
-
-
-def make_config(name="embedded", *, size=32, batch=4, seed=0, **data):
-    cfg = ml_collections.ConfigDict(dict(image_size=size, seed=seed, batch_size=batch,
-                                         data=config_lib.default_data_config()))
-    cfg.data.name = name
-    cfg.data.update(data)
-    return cfg
-
-
-def take(ds, n, it=None):
-    it = iter(ds) if it is None else it
-    return [next(it) for _ in range(n)]
 
 
 def same_batches(a, b):
     return all(x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
                for x, y in zip(a, b, strict=True))
-
-
-def write_image(path, h, w, seed):
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
 
 
 @pytest.fixture
@@ -55,14 +36,10 @@ def folder(tmp_path):
     return root
 
 
-def folder_config(root, **kw):
-    return make_config("folder", dir=str(root), train_split="train", eval_split="val", **kw)
-
-
 # --------------------------------------------------------------------------- train stream
 
 def test_embedded_batches_shapes_dtypes_labels():
-    batches = take(pipeline.train_dataset(make_config(batch=4)), 2)
+    batches = take(pipeline.train_dataset(data_config(batch=4)), 2)
     train = sources.EmbeddedPhotos("train")
     for b in batches:
         assert set(b) == {"image", "label", "id", "bad_path"} and not any(b["bad_path"])
@@ -107,15 +84,15 @@ def test_process_slices_are_disjoint_and_cover_split(folder):
 
 def test_batch_size_must_divide_over_processes():
     with pytest.raises(ValueError, match="batch_size"):
-        pipeline.train_dataset(make_config(batch=5), process_index=0, process_count=2)
+        pipeline.train_dataset(data_config(batch=5), process_index=0, process_count=2)
     with pytest.raises(ValueError, match="batch_size"):
-        pipeline.eval_dataset(make_config(batch=5), process_index=0, process_count=2)
+        pipeline.eval_dataset(data_config(batch=5), process_index=0, process_count=2)
 
 
 def test_deterministic_given_seed():
-    a = take(pipeline.train_dataset(make_config(seed=3)), 3)
-    b = take(pipeline.train_dataset(make_config(seed=3)), 3)
-    c = take(pipeline.train_dataset(make_config(seed=4)), 3)
+    a = take(pipeline.train_dataset(data_config(seed=3)), 3)
+    b = take(pipeline.train_dataset(data_config(seed=3)), 3)
+    c = take(pipeline.train_dataset(data_config(seed=4)), 3)
     assert same_batches(a, b)
     assert not np.array_equal(np.stack([x["image"] for x in a]), np.stack([x["image"] for x in c]))
 
@@ -123,7 +100,7 @@ def test_deterministic_given_seed():
 @pytest.mark.parametrize("crop", ["resize_random", "random_resized"])
 def test_crops_vary_across_epochs(crop):
     # 15 train photos, batch 5: each 3 batches are one epoch.
-    it = iter(pipeline.train_dataset(make_config(batch=5, crop=crop, flip=False)))
+    it = iter(pipeline.train_dataset(data_config(batch=5, crop=crop, flip=False)))
     views = {i: set() for i in range(15)}
     for _ in range(4):
         epoch = [next(it) for _ in range(3)]
@@ -143,7 +120,7 @@ def test_flip_is_the_only_change_on_exact_size_squares(tmp_path):
         write_image(tmp_path / "train" / f"{k}.png", 16, 16, k)
     src = sources.ImageFolder(tmp_path / "train")
     for flip in (True, False):
-        cfg = make_config("folder", size=16, batch=4, dir=str(tmp_path), flip=flip)
+        cfg = data_config("folder", size=16, batch=4, dir=str(tmp_path), flip=flip)
         it = iter(pipeline.train_dataset(cfg))
         flipped = []
         for b in (next(it) for _ in range(8)):
@@ -177,18 +154,18 @@ def test_square_box_is_shorter_side_resize_then_crop():
 
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_iterator_state_resumes_exactly(prefetch):
-    ds = pipeline.train_dataset(make_config(batch=4, prefetch=prefetch))
+    ds = pipeline.train_dataset(data_config(batch=4, prefetch=prefetch))
     it = iter(ds)
     take(ds, 3, it)
     state = it.get_state()
     expected = take(ds, 4, it)
-    resumed = iter(pipeline.train_dataset(make_config(batch=4, prefetch=prefetch)))
+    resumed = iter(pipeline.train_dataset(data_config(batch=4, prefetch=prefetch)))
     resumed.set_state(state)
     assert same_batches(take(ds, 4, resumed), expected)
 
 
 def test_worker_processes_give_the_same_stream_and_resume():
-    cfg = make_config(size=16, batch=4)
+    cfg = data_config(size=16, batch=4)
     expected = take(pipeline.train_dataset(cfg), 5)
     cfg.data.workers = 1
     if not flags.FLAGS.is_parsed():  # as absl.app.run leaves them; grain's workers read them
@@ -251,9 +228,9 @@ def test_eval_size_takes_the_first_examples(folder):
 
 
 def test_embedded_eval_is_fixed_crops_of_held_out_photos():
-    cfg = make_config(batch=8)
+    cfg = data_config(batch=8)
     a = list(pipeline.eval_dataset(cfg))
-    assert same_batches(a, list(pipeline.eval_dataset(make_config(batch=8, seed=9))))
+    assert same_batches(a, list(pipeline.eval_dataset(data_config(batch=8, seed=9))))
     images = np.concatenate([b["image"] for b in a])
     assert len(images) == 32 and all(b["mask"].all() for b in a)
     assert sorted(np.concatenate([b["id"] for b in a]).tolist()) == list(range(32))
@@ -266,7 +243,7 @@ def test_embedded_eval_is_fixed_crops_of_held_out_photos():
 def test_embedded_eval_crops_and_their_seed():
     """data.eval_crops sets the crops per held-out photo; data.eval_crop_seed moves them (other
     crops of the same photos, at the same scales)."""
-    cfg = make_config(batch=8)
+    cfg = data_config(batch=8)
     cfg.data.eval_crops = 4
     base = sources.make_source(cfg, "eval")
     assert len(base) == 16 and base.per_image == 4
@@ -320,14 +297,14 @@ def test_folder_empty_or_missing_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="missing"):
         sources.ImageFolder(tmp_path / "missing")
     with pytest.raises(ValueError, match="data.dir"):
-        pipeline.train_dataset(make_config("folder", dir=""))
+        pipeline.train_dataset(data_config("folder", dir=""))
 
 
 # --------------------------------------------------------------------------- tfds and dispatch
 
 @pytest.mark.parametrize("name", ["imagenet2012", "no_such_dataset_xyz"])
 def test_tfds_missing_dataset_fails_fast_without_download(tmp_path, name):
-    cfg = make_config(f"tfds:{name}", dir=str(tmp_path))
+    cfg = data_config(f"tfds:{name}", dir=str(tmp_path))
     start = time.monotonic()
     with pytest.raises(ValueError, match=name) as err:
         pipeline.train_dataset(cfg)
@@ -342,13 +319,13 @@ def test_tfds_missing_dataset_fails_fast_without_download(tmp_path, name):
 def test_unknown_data_name():
     for name in ["imagenet", "tfds:", "embeded"]:
         with pytest.raises(ValueError, match="data.name"):
-            sources.make_source(make_config(name), "train")
+            sources.make_source(data_config(name), "train")
 
 
 def test_tfds_path_end_to_end_with_mock_data(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=6):
-        cfg = make_config("tfds:mnist", size=16, batch=2, dir=str(tmp_path), eval_split="test")
+        cfg = data_config("tfds:mnist", size=16, batch=2, dir=str(tmp_path), eval_split="test")
         b = take(pipeline.train_dataset(cfg), 3)[-1]  # mnist is 28x28x1 -> RGB
         assert b["image"].shape == (2, 16, 16, 3) and b["image"].dtype == np.uint8
         ids = sum(eval_ids(cfg, 2), [])

@@ -6,25 +6,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dgae_jax import api, checkpoint, config_lib, diffusion, inference, parallel, trainer
+from dgae_jax import api, config_lib, diffusion, inference, parallel, trainer
 from dgae_jax import sweep, validation
 from dgae_jax.errors import ConfigError
 from dgae_jax.metrics import lpips
 from dgae_jax.tasks import ldm as ldm_task
 from dgae_jax.tasks.distill import DistillationTask
 
-from fakes import mesh_of, override, recording
-from test_api import save_run
-from test_latent_cache import OVERRIDES
-
-TEACHER_OVERRIDES = {**OVERRIDES, "diffusion.sample_steps": 2}
+from fakes import mesh_of, recording
+from helpers import OVERRIDES, demo_config, override, photo_crops, save_run
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    root = tmp_path_factory.mktemp("teacher")
-    cfg = override(config_lib.autoencoder_config(16, "demo"), TEACHER_OVERRIDES)
-    return str(root / "run"), save_run(root / "run", cfg)
+    """(workdir, EMA parameters) of an autoencoder run checkpointed at step 5."""
+    workdir = tmp_path_factory.mktemp("teacher") / "run"
+    cfg = demo_config(**{"diffusion.sample_steps": 2})
+    return str(workdir), save_run(workdir, cfg, 5)["ema"]
 
 
 def student_config(teacher_dir, **extra):
@@ -56,12 +54,12 @@ def test_the_student_starts_as_the_teacher(task, teacher):
 
 
 @pytest.mark.slow  # compiles the loss and its gradient through 3 + 1 + 2 U-Net steps twice
-def test_loss_by_hand(task, photos):
+def test_loss_by_hand(task):
     model, d = task.model, task.config.distill
     ae = model.autoencoder
     params = task.init_params(model, jax.random.key(0))
     params = jax.tree.map(lambda p: p * 1.05 + 0.01, params)  # a student that has moved
-    x = jnp.asarray(photos(4, 32))
+    x = jnp.asarray(photo_crops(4, 32, seed=0))
     rng = jax.random.key(3)
     loss_fn = type(model).loss_fn
     (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, argnums=1, has_aux=True))(
@@ -103,9 +101,7 @@ def test_a_student_run_decodes_with_the_teachers_encoder(task, teacher, tmp_path
     state = {"step": np.int32(7), "params": {"decoder": ema["decoder"]},
              "opt_state": {}, "rng": np.zeros(2, np.uint32), "nonfinite": np.int32(0),
              "ema": {"decoder": jax.tree.map(lambda p: p + 0.5, ema["decoder"])}}
-    ckpt = checkpoint.Checkpoints(str(tmp_path / "student"), cfg)
-    ckpt.save(7, state, iter(task.train_data(0, 1)), force=True)
-    ckpt.close()
+    save_run(tmp_path / "student", cfg, 7, task=task, state=state)
     mesh = parallel.local_mesh()
     step, _, params = inference.load_autoencoder(cfg, str(tmp_path / "student"), mesh)
     assert step == 7

@@ -16,7 +16,6 @@ import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -24,22 +23,9 @@ import pytest
 from dgae_jax import checkpoint, inference, parallel, steps, trainer
 from dgae_jax.errors import CheckpointWriteError, ConfigError, CorruptCheckpoint
 from dgae_jax.validation import validate
-from fakes import HookedStream, SyntheticLatentTask, ldm_train_config, mesh_of
+from fakes import PoisonedTask, SyntheticLatentTask, ldm_train_config, mesh_of
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-
-
-class PoisonedTask(SyntheticLatentTask):
-    """The synthetic DiT task whose loss is NaN at the given (0-based) state steps."""
-
-    def __init__(self, config, poison=()):
-        super().__init__(config)
-        self.poison = jnp.asarray(sorted(poison) or [-1])
-
-    def loss_fn(self, model, params, batch, rng, step):
-        loss, metrics = super().loss_fn(model, params, batch, rng, step)
-        nan = jnp.where(jnp.any(self.poison == step), jnp.nan, 0.0)
-        return loss + nan, dict(metrics, loss=metrics["loss"] + nan)
 
 
 def test_a_nonfinite_step_is_not_applied_and_is_counted():
@@ -99,28 +85,13 @@ SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
 from dgae_jax import trainer
-from fakes import HookedStream, SyntheticLatentTask, ldm_train_config, mesh_of
-from test_faults import FailingData, PoisonedTask
+from fakes import FailingData, PoisonedTask, ldm_train_config, mesh_of
 
 cfg = ldm_train_config()
 cfg.update(total_steps=10, log_every=1, checkpoint_every=2, max_nonfinite_steps=1)
 task = {task}
 trainer.train_and_evaluate(cfg, {workdir!r}, task, mesh_of(1, 1))
 """
-
-
-class FailingData(SyntheticLatentTask):
-    """The synthetic DiT task whose data stream raises at batch `fail_at`."""
-
-    def __init__(self, config, fail_at):
-        super().__init__(config)
-        self.fail_at = fail_at
-
-    def train_data(self, process_index, process_count):
-        def fail(count, batch):
-            if count == self.fail_at:
-                raise OSError(f"cannot read shard 7 (batch {count})")
-        return HookedStream(super().train_data(process_index, process_count), fail)
 
 
 @pytest.mark.parametrize("task,error,checkpoints", [
@@ -214,30 +185,12 @@ def test_a_corrupt_checkpoint_is_never_restored(tmp_path, damage, caplog):
     assert_same_state(got, want)
 
 
-class NarratedTask(SyntheticLatentTask):
-    """The synthetic DiT task telling a watching test what it does: `BATCH i` as batch i is
-    handed out, `EVAL step` as an evaluation starts (which then lasts a moment)."""
-
-    def train_data(self, process_index, process_count):
-        return HookedStream(super().train_data(process_index, process_count),
-                            lambda count, batch: print(f"BATCH {count}", flush=True))
-
-    def evaluator(self, run):
-        class Slow:
-            def evaluate(self, params, step):
-                print(f"EVAL {step}", flush=True)
-                time.sleep(0.5)
-                return {}
-        return Slow()
-
-
 KILL_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
 from absl import logging
 from dgae_jax import trainer
-from fakes import ldm_train_config, mesh_of
-from test_faults import NarratedTask
+from fakes import NarratedTask, ldm_train_config, mesh_of
 
 cfg = ldm_train_config()
 cfg.update(total_steps=12, log_every=1, checkpoint_every=2, eval_every=5)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy.ndimage import gaussian_filter
-from skimage import data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-from skimage.transform import resize
 
 from dgae_jax.metrics import image as im
+
+from helpers import photo_crops
 
 # The brief asks for 1e-4; observed error is < 1e-6, and 1e-5 still catches the float32
 # cancellation that mean-centring in im.ssim removes (~5e-5 on bright flat images without it).
@@ -31,14 +31,6 @@ def _sk_ssim(x, y):
 def _sk_psnr(x, y):
     return np.array([peak_signal_noise_ratio(a.astype(np.float64), b.astype(np.float64),
                                              data_range=255) for a, b in zip(x, y)])
-
-
-def _photo(img, h, w):
-    """Centre square crop of a bundled photo, resized to h x w, as uint8."""
-    s = min(img.shape[:2])
-    t, l = (img.shape[0] - s) // 2, (img.shape[1] - s) // 2
-    out = resize(img[t:t + s, l:l + s], (h, w), anti_aliasing=True)
-    return np.round(out * 255).astype(np.uint8)
 
 
 def _to_u8(x):
@@ -61,8 +53,9 @@ def _jpeg(img, quality):
 
 
 @pytest.fixture(scope="module")
-def photos():
-    return np.stack([_photo(data.astronaut(), 64, 64), _photo(data.chelsea(), 64, 64)])
+def uint8_photos():
+    """Centred 64 x 64 crops of astronaut and chelsea as pixel values, the metrics' usual input."""
+    return photo_crops(2, 64, dtype=np.uint8)
 
 
 def _check_ssim(x, y):
@@ -90,16 +83,16 @@ def test_psnr_random_uint8():
 
 
 @pytest.mark.parametrize("std", [1.0, 5.0, 25.0])
-def test_psnr_photos_with_noise(photos, std):
+def test_psnr_photos_with_noise(uint8_photos, std):
     rng = np.random.default_rng(1)
-    _check_psnr(photos, _noisy(photos, std, rng))
+    _check_psnr(uint8_photos, _noisy(uint8_photos, std, rng))
     # Non-integer float inputs too.
-    noisy = np.clip(photos + rng.normal(0.0, std, photos.shape), 0, 255).astype(np.float32)
-    _check_psnr(photos.astype(np.float32), noisy)
+    noisy = np.clip(uint8_photos + rng.normal(0.0, std, uint8_photos.shape), 0, 255)
+    _check_psnr(uint8_photos.astype(np.float32), noisy.astype(np.float32))
 
 
-def test_psnr_identical_is_inf(photos):
-    assert np.all(np.isposinf(np.asarray(im.psnr(photos, photos))))
+def test_psnr_identical_is_inf(uint8_photos):
+    assert np.all(np.isposinf(np.asarray(im.psnr(uint8_photos, uint8_photos))))
 
 
 def test_ssim_random():
@@ -110,7 +103,7 @@ def test_ssim_random():
 
 
 @pytest.mark.parametrize("kind", ["noise", "blur", "jpeg", "quantise", "off_by_one"])
-def test_ssim_photos(photos, kind):
+def test_ssim_photos(uint8_photos, kind):
     rng = np.random.default_rng(3)
     degraded = {
         "noise": lambda p: _noisy(p, 8.0, rng),
@@ -118,9 +111,9 @@ def test_ssim_photos(photos, kind):
         "jpeg": lambda p: np.stack([_jpeg(i, 25) for i in p]),
         "quantise": lambda p: (p // 32 * 32 + 16).astype(np.uint8),
         "off_by_one": lambda p: _to_u8(p.astype(np.int32) + rng.integers(-1, 2, p.shape)),
-    }[kind](photos)
-    _check_ssim(photos, degraded)
-    _check_ssim(photos.astype(np.float32), degraded.astype(np.float32))
+    }[kind](uint8_photos)
+    _check_ssim(uint8_photos, degraded)
+    _check_ssim(uint8_photos.astype(np.float32), degraded.astype(np.float32))
 
 
 def test_ssim_flat_and_constant_images():
@@ -137,14 +130,14 @@ def test_ssim_flat_and_constant_images():
 @pytest.mark.parametrize("shape", [(32, 48), (48, 32), (64, 64), (16, 16), (11, 13)])
 def test_ssim_sizes(shape):
     rng = np.random.default_rng(5)
-    x = np.stack([_photo(data.astronaut(), *shape), _photo(data.coffee(), *shape)])
+    x = photo_crops(2, shape, names=("astronaut", "coffee"), dtype=np.uint8)
     _check_ssim(x, _noisy(x, 10.0, rng))
     _check_psnr(x, _noisy(x, 10.0, rng))
 
 
-def test_batched_equals_one_by_one(photos):
+def test_batched_equals_one_by_one(uint8_photos):
     rng = np.random.default_rng(6)
-    x = np.concatenate([photos, _photo(data.rocket(), 64, 64)[None]])
+    x = np.concatenate([uint8_photos, photo_crops(1, 64, names=("rocket",), dtype=np.uint8)])
     y = _noisy(x, 12.0, rng)
     for fn in (im.ssim, im.psnr):
         batched = np.asarray(fn(x, y))
@@ -152,21 +145,22 @@ def test_batched_equals_one_by_one(photos):
         np.testing.assert_allclose(batched, single, rtol=1e-6)
 
 
-def test_ssim_self_is_one(photos):
-    np.testing.assert_allclose(np.asarray(im.ssim(photos, photos)), 1.0, rtol=0, atol=1e-6)
+def test_ssim_self_is_one(uint8_photos):
+    np.testing.assert_allclose(np.asarray(im.ssim(uint8_photos, uint8_photos)), 1.0, rtol=0,
+                               atol=1e-6)
 
 
-def test_more_noise_scores_lower(photos):
+def test_more_noise_scores_lower(uint8_photos):
     rng = np.random.default_rng(7)
-    noisy = [_noisy(photos, std, rng) for std in (2.0, 8.0, 32.0)]
+    noisy = [_noisy(uint8_photos, std, rng) for std in (2.0, 8.0, 32.0)]
     for fn in (im.psnr, im.ssim):
-        scores = np.stack([np.asarray(fn(photos, n)) for n in noisy])
+        scores = np.stack([np.asarray(fn(uint8_photos, n)) for n in noisy])
         assert np.all(np.diff(scores, axis=0) < 0), (fn.__name__, scores)
 
 
-def test_jit_and_traced_data_range(photos):
-    x = photos.astype(np.float32) / 255.0
-    y = _noisy(photos, 6.0, np.random.default_rng(8)).astype(np.float32) / 255.0
+def test_jit_and_traced_data_range(uint8_photos):
+    x = uint8_photos.astype(np.float32) / 255.0
+    y = _noisy(uint8_photos, 6.0, np.random.default_rng(8)).astype(np.float32) / 255.0
     for fn in (im.ssim, im.psnr):
         eager = np.asarray(fn(x * 255.0, y * 255.0))
         jitted = np.asarray(jax.jit(fn)(x, y, 1.0))

@@ -23,18 +23,12 @@ from dgae_jax.metrics.features import InceptionFeatures
 from dgae_jax.metrics.frechet import FeatureStats, frechet_distance
 from dgae_jax.models import inception
 
+from helpers import photo_crops
 
-def photo_crops(n: int, size: int) -> np.ndarray:
-    """n uint8 crops of the scikit-image photos (real images, no download)."""
-    photos = [sources.load_photo(name) for name in sources.EmbeddedPhotos.PHOTOS]
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(n):
-        photo = photos[i % len(photos)]
-        side = min(photo.shape[:2]) // 2
-        y, x = rng.integers(0, photo.shape[0] - side), rng.integers(0, photo.shape[1] - side)
-        out.append(sources.crop_resize(photo, (x, y, x + side, y + side), size))
-    return np.stack(out)
+
+def uint8_crops(n: int, size: int) -> np.ndarray:
+    """n random uint8 crops, cycling through every embedded photo (grey ones as RGB)."""
+    return photo_crops(n, size, seed=0, names=sources.EmbeddedPhotos.PHOTOS, dtype=np.uint8)
 
 
 def reference_resize(images: np.ndarray) -> "torch.Tensor":  # noqa: F821
@@ -59,7 +53,7 @@ def test_features_match_the_torchscript(inception_weights):
     """Pool and sFID features equal the TorchScript's on real photos and noise (<= 1e-3)."""
     from dgae_jax.metrics import inception_convert
     torch = pytest.importorskip("torch")
-    images = np.concatenate([photo_crops(3, 64),
+    images = np.concatenate([uint8_crops(3, 64),
                              np.random.default_rng(2).integers(0, 256, (1, 64, 64, 3),
                                                                dtype=np.uint8)])
     ours = jax.jit(inception.features)(inception.load_weights(inception_weights), images)
@@ -84,7 +78,7 @@ def test_features_match_the_torchscript(inception_weights):
 def test_fid_is_zero_for_identical_sets_and_grows_with_distortion(inception_weights):
     weights = inception.load_weights(inception_weights)
     embed = jax.jit(lambda x: inception.features(weights, x)["pool"])
-    clean = photo_crops(12, 64)
+    clean = uint8_crops(12, 64)
 
     def stats(images):
         return FeatureStats.from_features(np.asarray(embed(np.clip(images, 0, 255))))
@@ -142,7 +136,7 @@ def test_missing_or_mismatched_weights_are_clear_errors(tmp_path):
 
 @pytest.mark.slow
 def test_fid_cli_on_folders_arrays_and_statistics(inception_weights, tmp_path):
-    images = photo_crops(8, 48)
+    images = uint8_crops(8, 48)
     for i, image in enumerate(images):
         Image.fromarray(image).save(tmp_path / f"{i}.png")
     np.savez(tmp_path / "same.npz", images)
@@ -171,7 +165,7 @@ def test_fid_cli_on_folders_arrays_and_statistics(inception_weights, tmp_path):
 def test_fid_cli_reference_batch_statistics_and_precision_recall(inception_weights, tmp_path):
     """An ADM-style reference batch (statistics without a count, plus arr_0 images): its
     statistics give FID / sFID, its images are embedded for precision/recall only."""
-    images = photo_crops(8, 32)
+    images = uint8_crops(8, 32)
     noisy = np.clip(images + np.random.default_rng(5).normal(0, 40, images.shape), 0, 255)
     np.savez(tmp_path / "ref_images.npz", images)
     np.savez(tmp_path / "noisy.npz", noisy.astype(np.uint8))
@@ -229,7 +223,7 @@ def test_eval_subset_selects_listed_files_in_order(tmp_path):
 def test_sharded_streaming_embeds_every_image_once_in_order(inception_weights, tmp_path):
     """5 images in global batches of 8 over the 8 test devices (3 padding rows) give the
     features of one plain call on the 5 images, in order."""
-    images = photo_crops(5, 32)
+    images = uint8_crops(5, 32)
     np.savez(tmp_path / "five.npz", images)
     weights = inception.load_weights(inception_weights)
     mesh = jax.make_mesh((8, 1), ("data", "fsdp"),

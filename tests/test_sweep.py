@@ -9,13 +9,13 @@ import shutil
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import make_tiny_config, synthetic_state
 from PIL import Image
 
-from dgae_jax import checkpoint, config_lib, diffusion, modes, parallel, sweep, validation
+from dgae_jax import config_lib, diffusion, modes, sweep, validation
 from dgae_jax.errors import ConfigError
-from dgae_jax.steps import build_steps
 from dgae_jax.tasks.ae import AutoencoderTask
+
+from helpers import make_tiny_config, save_run
 
 STEP = 3
 
@@ -32,13 +32,8 @@ def sweep_config():
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A checkpoint (step 3) of a tiny DGAE, saved once for the module."""
-    cfg = sweep_config()
-    task = AutoencoderTask(cfg, "sweep")
-    state = synthetic_state(build_steps(cfg, task, parallel.make_mesh(cfg.mesh)).abstract_state)
     workdir = tmp_path_factory.mktemp("sweep") / "run"
-    ckpt = checkpoint.Checkpoints(str(workdir), cfg)
-    ckpt.save(STEP, state, iter(task.train_data(0, 1)), force=True)
-    ckpt.close()
+    save_run(workdir, sweep_config(), STEP)
     return workdir
 
 

@@ -1,14 +1,13 @@
 """One validation pass per (config, mode) names the bad field in one line, before any work."""
 
 import os
-import time
 
 import pytest
 
 from dgae_jax import config_lib, main
 from dgae_jax.errors import ConfigError
 from dgae_jax.validation import validate
-from fakes import override
+from helpers import override
 
 AE, LDM = "autoencoder", "ldm"
 
@@ -89,12 +88,10 @@ def test_bad_field_is_one_line_naming_it(tmp_path, task, mode, overrides, messag
     cfg = configure(task, overrides)
     if task == LDM and "cache.dir" not in overrides:
         cfg.cache.dir = str(tmp_path)
-    start = time.time()
     with pytest.raises(ConfigError) as error:
         validate(cfg, mode, workdir=str(tmp_path / "run"), device_count=8, process_count=1)
     assert message in str(error.value)
     assert "\n" not in str(error.value)
-    assert time.time() - start < 1.0
 
 
 def test_the_default_configs_pass(tmp_path):
