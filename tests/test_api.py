@@ -16,7 +16,6 @@ from PIL import Image
 from dgae_jax import api, bundle, diffusers_io, diffusion, modes, parallel, validation
 from dgae_jax.data import pipeline
 from dgae_jax.errors import ConfigError
-from dgae_jax.tasks import registry
 
 from helpers import demo_config, save_run
 
@@ -26,7 +25,7 @@ STEP = 5
 def run_mode(cfg, mode, workdir):
     """What `python -m dgae_jax.main` runs for a mode, in this process."""
     validation.validate(cfg, mode, workdir=workdir, device_count=jax.device_count())
-    return modes.MODES[mode](cfg, workdir, registry.make_task(cfg, mode))
+    return modes.run(cfg, mode, workdir)
 
 
 @pytest.fixture(scope="module")

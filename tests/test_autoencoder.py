@@ -11,6 +11,7 @@ import scipy.stats
 
 from dgae_jax import diffusion
 from dgae_jax.autoencoder import Autoencoder, Posterior
+from dgae_jax.errors import LPIPSWeightsError
 from dgae_jax.metrics import lpips
 
 from helpers import photo_crops
@@ -194,7 +195,7 @@ def test_decode_is_deterministic_given_rng(tiny_config):
 
 def test_missing_lpips_weights_fail_loudly(tiny_config, monkeypatch):
     monkeypatch.setattr(lpips, "_weights_file", lambda net: lpips.Path("/nonexistent/x.ckpt"))
-    with pytest.raises(lpips.LPIPSWeightsError, match="/nonexistent/x.ckpt"):
+    with pytest.raises(LPIPSWeightsError, match="/nonexistent/x.ckpt"):
         Autoencoder.from_config(tiny_config(8))
     cfg = tiny_config(8)
     cfg.loss.lpips_weight = 0.0  # without the term no weights are needed

@@ -11,7 +11,8 @@ from PIL import Image
 
 from dgae_jax import trainer
 from dgae_jax.data import bad_images, pipeline, sources
-from dgae_jax.data.images import BadImage, decode_image_file
+from dgae_jax.data.images import decode_image_file
+from dgae_jax.errors import BadImage, TooManyBadImages
 from fakes import SyntheticLatentTask, ldm_train_config, mesh_of
 from helpers import folder_config, take, write_image
 
@@ -133,7 +134,7 @@ def test_bad_image_log_lists_counts_and_limits(tmp_path):
     assert (tmp_path / "bad_images.txt").read_text().split() == ["/d/a.jpg", "/d/b.jpg",
                                                                  "/d/c.jpg"]
     log.add(np.array(["/d/d.jpg"]))
-    with pytest.raises(bad_images.TooManyBadImages,
+    with pytest.raises(TooManyBadImages,
                        match=r"^4 of the 1000 training images cannot be read, more than "
                        r"data.max_bad_fraction=0.003; first: /d/a.jpg, /d/b.jpg, /d/c.jpg"):
         log.flush()

@@ -5,9 +5,9 @@ import jax
 import pytest
 from fakes import ldm_train_config
 
-from dgae_jax import benchmark
+from dgae_jax.costs import hlo_flops
 from dgae_jax.errors import ConfigError
-from dgae_jax.steps import hlo_flops
+from dgae_jax.modes import benchmark
 from dgae_jax.tasks.registry import make_task
 
 

@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dgae_jax import api, config_lib, diffusion, inference, parallel, trainer
-from dgae_jax import sweep, validation
+from dgae_jax import api, config_lib, diffusion, parallel, trainer, validation
+from dgae_jax.modes import sweep
 from dgae_jax.errors import ConfigError
 from dgae_jax.metrics import lpips
 from dgae_jax.tasks import ldm as ldm_task
-from dgae_jax.tasks.distill import DistillationTask
+from dgae_jax.tasks.distill import DistillationTask, teacher_run
+from dgae_jax.tasks.trained import load_autoencoder
 
 from fakes import mesh_of, recording
 from helpers import OVERRIDES, demo_config, override, photo_crops, save_run
@@ -103,7 +104,7 @@ def test_a_student_run_decodes_with_the_teachers_encoder(task, teacher, tmp_path
              "ema": {"decoder": jax.tree.map(lambda p: p + 0.5, ema["decoder"])}}
     save_run(tmp_path / "student", cfg, 7, task=task, state=state)
     mesh = parallel.local_mesh()
-    step, _, params = inference.load_autoencoder(cfg, str(tmp_path / "student"), mesh)
+    step, _, params = load_autoencoder(cfg, str(tmp_path / "student"), mesh)
     assert step == 7
     for got, want in zip(jax.tree.leaves(params["encoder"]), jax.tree.leaves(ema["encoder"])):
         np.testing.assert_array_equal(np.asarray(got), want)
@@ -140,9 +141,8 @@ def test_exact_resume(teacher, tmp_path):
     assert (tmp_path / "straight" / "eval" / "4.json").exists()  # with the teacher's encoder
 
 
-def test_the_sweep_puts_student_and_teacher_on_one_plot(teacher):
-    cfg = student_config(teacher[0])
-    grid = sweep.settings(cfg)
+def test_the_sweep_puts_student_and_teacher_on_one_plot(task):
+    grid = task.sweep_settings()
     assert [(s["decoder"], s["steps"]) for s in grid] == [
         ("student", 1), ("student", 2), ("student", 4), ("teacher", 1), ("teacher", 2),
         ("teacher", 4), ("teacher", 8), ("teacher", 25)]
@@ -155,8 +155,8 @@ def test_the_sweep_puts_student_and_teacher_on_one_plot(teacher):
 def test_a_teacher_of_other_networks_is_refused(teacher):
     cfg = student_config(teacher[0], **{"model.unet.width": 16})
     with pytest.raises(ConfigError, match=r"model.unet.width=8, this config 16"):
-        inference.teacher_run(cfg)
+        teacher_run(cfg)
     cfg = student_config(teacher[0])
     cfg.distill.teacher_step = 9
-    with pytest.raises(ConfigError, match=r"no checkpoint of step 9 \(it has \[5\]\)"):
-        inference.teacher_run(cfg)
+    with pytest.raises(ConfigError, match=r"distill.teacher_step=9: \S* has no checkpoint of that step \(it has \[5\]\)"):
+        teacher_run(cfg)

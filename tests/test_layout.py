@@ -54,10 +54,11 @@ def test_no_import_cycles():
 def test_layers():
     graph = project_imports()
     assert graph["dgae_jax.errors"] == set()
-    loop = {"dgae_jax.trainer", "dgae_jax.steps", "dgae_jax.modes", "dgae_jax.main"}
+    loop = {"dgae_jax.trainer", "dgae_jax.steps", "dgae_jax.main"} | {
+        name for name in graph if name.split(".")[:2] == ["dgae_jax", "modes"]}
     for name, deps in graph.items():
         if name.startswith("dgae_jax.tasks."):
-            assert not deps & loop, f"{name} imports the loop: {deps & loop}"
+            assert not deps & loop, f"{name} imports the loop or a mode: {deps & loop}"
     for name in ("dgae_jax.cache.format", "dgae_jax.cache.reader"):  # read in grain workers
         source = (ROOT / (name.split(".", 1)[1].replace(".", "/") + ".py")).read_text()
         assert "import jax" not in source and "from jax" not in source, name
@@ -67,6 +68,36 @@ def test_no_module_over_400_lines():
     long = {str(p.relative_to(ROOT)): n for p in ROOT.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 400}
     assert not long, long
+
+
+def is_task_name(node) -> bool:
+    """`x.task`, `x.get('task')` or `x['task']`: a run's task name."""
+    if isinstance(node, ast.Attribute):
+        return node.attr == "task"
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+        return (node.func.attr == "get" and bool(node.args)
+                and isinstance(node.args[0], ast.Constant) and node.args[0].value == "task")
+    return (isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant)
+            and node.slice.value == "task")
+
+
+def test_no_task_switch_outside_tasks():
+    """What differs between tasks is the task's to say (tasks/): outside it, no code compares a
+    run's task with a named one (`config.task == 'ldm'`, `config.task in ('autoencoder', ...)`).
+    Looking a task up or asking whether a mode serves it is not a switch."""
+    found = []
+    for path in sorted(ROOT.rglob("*.py")):
+        if path.parent.name == "tasks":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Compare):
+                continue
+            sides = [node.left, *node.comparators]
+            named = any(isinstance(n, ast.Constant) and isinstance(n.value, str)
+                        for side in sides for n in ast.walk(side))
+            if named and any(is_task_name(side) for side in sides):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not found, found
 
 
 def test_no_test_module_imports_another_or_conftest():

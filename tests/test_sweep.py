@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import pytest
 from PIL import Image
 
-from dgae_jax import config_lib, diffusion, modes, sweep, validation
+from dgae_jax import config_lib, diffusion, modes, validation
 from dgae_jax.errors import ConfigError
-from dgae_jax.tasks.ae import AutoencoderTask
+from dgae_jax.modes import sweep
 
 from helpers import make_tiny_config, save_run
 
@@ -43,7 +43,7 @@ def run_sweep(saved, tmp_path, **grid):
     shutil.copytree(saved, workdir)
     cfg = sweep_config()
     cfg.eval.update(grid)
-    record = modes.MODES["sweep"](cfg, str(workdir), AutoencoderTask(cfg, "sweep"))
+    record = modes.run(cfg, "sweep", str(workdir))
     return str(workdir), record
 
 
@@ -51,7 +51,7 @@ def eval_at(workdir, steps, sampler, spacing):
     """--mode=eval in-process with the config's decode fields set to one setting."""
     cfg = sweep_config()
     cfg.diffusion.update(sample_steps=steps, sampler=sampler, spacing=spacing)
-    results = modes.evaluate(cfg, workdir, AutoencoderTask(cfg, "eval"))
+    results = modes.run(cfg, "eval", workdir)
     assert results["step"] == STEP
     assert (results["decode_steps"], results["sampler"], results["spacing"]) == (
         steps, sampler, spacing)
@@ -98,7 +98,7 @@ def test_a_tagged_evaluation_keeps_its_files_apart(saved, tmp_path):
     assert os.path.exists(record["json"]) and os.path.exists(record["png"])
     cfg = sweep_config()
     cfg.eval.tag = "other"
-    modes.evaluate(cfg, workdir, AutoencoderTask(cfg, "eval"))
+    modes.run(cfg, "eval", workdir)
     assert sorted(os.listdir(f"{workdir}/eval")) == [
         f"{STEP}-other.json", f"sweep-{STEP}-other.json", f"sweep-{STEP}-other.png"]
     assert os.listdir(f"{workdir}/images") == [f"{STEP}-other.png"]
@@ -130,7 +130,7 @@ def test_every_setting_once_with_its_nfe(saved, tmp_path):
 
 
 def test_plot_has_an_rfid_panel_when_rows_have_rfid():
-    rows = [{"steps": n, "sampler": s, "spacing": "uniform", "nfe": sweep.nfe(n, s),
+    rows = [{"steps": n, "sampler": s, "spacing": "uniform", "nfe": diffusion.nfe(n, s),
              "psnr": 20.0 + n, "lpips": 0.5 / n, "rfid": 10.0 / n}
             for n in (1, 2, 4) for s in diffusion.SAMPLERS]
     with_rfid = Image.open(io.BytesIO(sweep.plot(rows)))
@@ -150,7 +150,7 @@ def test_nfe_counts_the_samplers_network_calls(sampler, steps):
 
     jax.block_until_ready(diffusion.sample(velocity, jnp.ones((1, 2, 2, 3)), steps, sampler))
     jax.effects_barrier()
-    assert len(calls) == sweep.nfe(steps, sampler)
+    assert len(calls) == diffusion.nfe(steps, sampler)
 
 
 def test_the_default_diffusion_configs_pass_validation_for_sweep(tmp_path):
