@@ -1,11 +1,18 @@
 """One validation pass per (config, mode) names the bad field in one line, before any work."""
 
+import importlib
 import os
+import pkgutil
+import sys
 
 import pytest
+from absl import flags
 
-from dgae_jax import config_lib, main
+import dgae_jax
+from dgae_jax import config_lib, errors, main
 from dgae_jax.errors import ConfigError
+from dgae_jax.modes import MODES
+from dgae_jax.tasks.registry import TASKS
 from dgae_jax.validation import validate
 from helpers import override
 
@@ -114,3 +121,35 @@ def test_missing_workdir_and_bad_fields_stop_before_any_file_work(tmp_path):
     with pytest.raises(ConfigError, match="data.crop"):
         main.run(cfg, "train", str(workdir))
     assert not os.path.exists(workdir)
+
+
+def test_every_mode_serves_registered_tasks_and_every_task_trains():
+    for name, mode in MODES.items():
+        assert set(mode.tasks) <= set(TASKS), name
+    for task in TASKS:
+        assert {"train", "eval", "summary", "benchmark"} <= {
+            name for name, mode in MODES.items() if task in mode.tasks}, task
+
+
+def test_every_error_is_a_dgae_error_the_cli_prints_as_one_line(monkeypatch):
+    """One base, so that `main` catches them all; a new error type elsewhere fails here."""
+    for info in pkgutil.walk_packages(dgae_jax.__path__, "dgae_jax."):
+        importlib.import_module(info.name)
+    defined = {cls for module in list(sys.modules.values())
+               if getattr(module, "__name__", "").startswith("dgae_jax")
+               for cls in vars(module).values()
+               if isinstance(cls, type) and issubclass(cls, BaseException)
+               and cls.__module__.startswith("dgae_jax")}
+    assert defined and all(cls.__module__ == "dgae_jax.errors" for cls in defined), defined
+    assert all(issubclass(cls, errors.DGAEError) for cls in defined)
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS(["main"])  # main.main reads the (default) flag values
+    for error, prefix in ((errors.LPIPSWeightsError("no LPIPS weights"), "stopped"),
+                          (errors.CorruptCheckpoint(3, "ema", "does not match"), "stopped"),
+                          (errors.InceptionWeightsError("no Inception weights"), "config error")):
+        def fail(*args, error=error):
+            raise error
+        monkeypatch.setattr(main, "run", fail)
+        with pytest.raises(SystemExit) as stopped:
+            main.main(["main"])
+        assert stopped.value.code == f"{prefix}: {error}"
