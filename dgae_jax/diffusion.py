@@ -90,6 +90,17 @@ def nfe(steps: int, sampler: str) -> int:
     return steps * {"euler": 1, "heun": 2}[sampler]
 
 
+def integrate_step(v: Callable, x, t, t_next, sampler: str):
+    """One Euler or Heun step of dx/dt = v(x, t) from t to t_next. Plain arithmetic on whatever
+    arrays `v` returns, so the tiled decode (tiling.py) takes the same step on the host."""
+    dt = t_next - t
+    v1 = v(x, t)
+    x_euler = x + dt * v1
+    if sampler == "euler":
+        return x_euler
+    return x + dt * 0.5 * (v1 + v(x_euler, t_next))
+
+
 def sample(velocity_fn: VelocityFn, noise: jax.Array, steps: int, sampler: str = "euler",
            spacing: str = "uniform") -> jax.Array:
     """Integrate dx/dt = v(x, t) from x_1 = noise to t = 0.
@@ -109,13 +120,7 @@ def sample(velocity_fn: VelocityFn, noise: jax.Array, steps: int, sampler: str =
         return velocity_fn(x, jnp.full((batch,), t, jnp.float32)).astype(jnp.float32)
 
     def step(x, ts):
-        t, t_next = ts
-        dt = t_next - t
-        v1 = v(x, t)
-        x_euler = x + dt * v1
-        if sampler == "euler":
-            return x_euler, None
-        return x + dt * 0.5 * (v1 + v(x_euler, t_next)), None
+        return integrate_step(v, x, *ts, sampler), None
 
     x = noise.astype(jnp.float32)
     if steps <= UNROLL_STEPS:  # a Python loop: lax.scan keeps a while loop even when unrolled

@@ -4,7 +4,6 @@ traffic than float32), float [-1, 1] inside the networks. Every conversion betwe
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -15,16 +14,17 @@ def to_signed(images):
     return images.astype(np.float32) / 127.5 - 1.0
 
 
-def to_uint8_range(x: jax.Array) -> jax.Array:
+def to_uint8_range(x):
     """Model outputs in [-1, 1] -> the integer values (as float32) an 8-bit image would store.
 
     This is the convention for reporting PSNR/SSIM: metrics are computed on what a saved PNG
     would contain, so values are clipped to [0, 255] and rounded (half to even), not on the raw
-    continuous outputs.
+    continuous outputs. A numpy array is converted on the host, anything else by jax.
     """
-    return jnp.round(jnp.clip((jnp.asarray(x, jnp.float32) + 1.0) * 127.5, 0.0, 255.0))
+    xp = np if isinstance(x, np.ndarray) else jnp
+    return xp.round(xp.clip((xp.asarray(x, np.float32) + 1.0) * 127.5, 0.0, 255.0))
 
 
-def to_uint8(x: jax.Array) -> jax.Array:
+def to_uint8(x):
     """Model outputs in [-1, 1] -> uint8 images, as `to_uint8_range` rounds them."""
-    return to_uint8_range(x).astype(jnp.uint8)
+    return to_uint8_range(x).astype(np.uint8)
