@@ -91,8 +91,13 @@ class Attention(nnx.Module):
         b, h, w, c = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, h * w, 3, self.heads, c // self.heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if qkv.dtype == jnp.float16 and self.implementation != "cudnn":
+            # float16 scores and softmax sums overflow on large inputs (diffusers upcasts its
+            # attention softmax for the same reason), and XLA:CPU has no float16 matmul into
+            # float32: attend in float32. cuDNN's fused kernel accumulates in float32 itself.
+            q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
         out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
-        out = out.reshape(b, h, w, c)
+        out = out.astype(qkv.dtype).reshape(b, h, w, c)
         return x + self.proj(out)
 
 
