@@ -7,18 +7,23 @@
     r = ae.reconstruct(images)        # decode(encode(images))
 
 Images are uint8 (H, W, 3) or (N, H, W, 3) numpy arrays, PIL images, float arrays in [-1, 1], or
-a list of any of these. An image whose height and width are multiples of `ae.size_multiple`
-(the encoder's factor and the U-Net's downsampling; both networks are convolutional, and
-attention runs over whatever positions a level has) is processed at its own size. Any other is
-first resized (shorter side to `config.image_size`, bicubic, antialiased) and centre-cropped to
-image_size x image_size, the evaluation view. A list of images of several sizes is processed
-per size and returned as a list in the input's order; otherwise the result is one array.
+a list of any of these, of any size: each is processed at its own size, an output pixel at its
+input pixel. Sides that are not multiples of what the networks need (`ae.size_multiple`: the
+encoder's factor and the U-Net's downsampling) are padded at the bottom and right by reflection
+and the result cropped back; `encode` gives ceil(H/f) x ceil(W/f) latents. A list of images of
+several sizes is returned as a list in the input's order; otherwise the result is one array.
 
-Work is batched over all of this process's devices at a fixed batch size, so each input shape
-compiles once. DGAE's decoder is a sampler: image i of a call starts from noise drawn with
-fold_in(key(seed), i), so its result depends on the seed and its position i only, not on the
-batch size, the device count or the other images of the call. Large inputs show a progress bar
-(progress.py).
+Images larger than the training size (`config.image_size`) are processed in overlapping tiles
+of it, blended so that no seam shows (tiling.py): memory stays bounded and the networks compile
+once per tile shape. `tile=0` turns tiling off, `tile=N` tiles with N-pixel tiles. `dtype`
+(`load(..., dtype="bfloat16")`) sets the compute precision; parameters, normalisation statistics
+and the sampler's state stay float32.
+
+Untiled work is batched over all of this process's devices at a fixed batch size, so each input
+shape compiles once. DGAE's decoder is a sampler: image i of a call starts from noise drawn with
+fold_in(key(seed), i) (of its padded size), so its result depends on the seed and its position i
+only, not on the batch size, the device count or the other images of the call. Large inputs
+show a progress bar (progress.py).
 """
 
 from __future__ import annotations
@@ -33,29 +38,30 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from dgae_jax import bundle, parallel, pixels, progress, runs
-from dgae_jax.autoencoder import Autoencoder, unet_channel_mult
-from dgae_jax.data import images as image_files, pipeline, sources
+from dgae_jax import bundle, checks, parallel, pixels, progress, runs, tiling
+from dgae_jax.autoencoder import Autoencoder, check_tile, size_multiple
+from dgae_jax.data import images as image_files, sources
 from dgae_jax.errors import ConfigError
 from dgae_jax.tasks.trained import autoencoder_task, load_autoencoder
 
 
-def load(path: str | os.PathLike, step: int | None = None, *,
+def load(path: str | os.PathLike, step: int | None = None, *, dtype: str | None = None,
          batch_size: int = 0) -> "TrainedAutoencoder":
     """The EMA autoencoder of a run's workdir (checkpoint `step`, default the newest intact
-    one, verified against its checksums) or of a bundle written by `--mode=export`."""
+    one, verified against its checksums) or of a bundle written by `--mode=export`, computing
+    in `dtype` ("float32", "bfloat16", "float16"; None keeps the run's model.dtype)."""
     path = os.fspath(path)
     if bundle.is_bundle(path):
         config, params, saved = bundle.read(path)
         if step is not None and step != saved:
             raise ConfigError(f"step={step}: the bundle {path} holds step {saved}")
-        return TrainedAutoencoder(config, params, step=saved, batch_size=batch_size)
+        return TrainedAutoencoder(config, params, step=saved, dtype=dtype, batch_size=batch_size)
     if not runs.is_run(path):
         raise ConfigError(f"{path} is neither a run's workdir (no checkpoints/) nor an exported "
                           f"bundle (no {bundle.WEIGHTS} and {bundle.CONFIG})")
     _, config = runs.saved_config(path, step)
     autoencoder_task(config, path)  # a DiT run is an error here, before any weights are read
-    return TrainedAutoencoder.from_run(config, path, step, batch_size=batch_size)
+    return TrainedAutoencoder.from_run(config, path, step, dtype=dtype, batch_size=batch_size)
 
 
 class TrainedAutoencoder:
@@ -63,8 +69,12 @@ class TrainedAutoencoder:
     decode and reconstruct. `config` is the run's (decode defaults come from config.diffusion)."""
 
     def __init__(self, config: ml_collections.ConfigDict, params: dict, *,
-                 step: int | None = None, batch_size: int = 0,
+                 step: int | None = None, dtype: str | None = None, batch_size: int = 0,
                  mesh: jax.sharding.Mesh | None = None):
+        if dtype is not None:
+            checks.one_of(dtype, checks.DTYPES, "dtype")
+            config = ml_collections.ConfigDict(config.to_dict())
+            config.model.dtype = dtype
         self.config, self.step = config, step
         self.mesh = mesh or parallel.local_mesh()
         self.model = Autoencoder.from_config(config, with_lpips=False)
@@ -76,15 +86,20 @@ class TrainedAutoencoder:
         self._decode = jax.jit(_decode, static_argnames=("steps", "sampler", "spacing"))
         self._reconstruct = jax.jit(_reconstruct,
                                     static_argnames=("steps", "sampler", "spacing"))
+        # The tiled path's networks, on batches of tiles of one shape.
+        self._tile_moments = jax.jit(_moments)
+        self._tile_velocity = jax.jit(_velocity)
+        self._tile_conv_decode = jax.jit(_conv_decode)
 
     @classmethod
     def from_run(cls, config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
-                 *, field: str = "step", batch_size: int = 0) -> "TrainedAutoencoder":
+                 *, field: str = "step", dtype: str | None = None,
+                 batch_size: int = 0) -> "TrainedAutoencoder":
         """Checkpoint `step` (default the newest intact one) of the run in `workdir`, built
         with `config` (the run's, or one with other decode settings)."""
         mesh = parallel.local_mesh()
         step, _, ema = load_autoencoder(config, workdir, mesh, step, field)
-        return cls(config, ema, step=step, batch_size=batch_size, mesh=mesh)
+        return cls(config, ema, step=step, dtype=dtype, batch_size=batch_size, mesh=mesh)
 
     # ----------------------------------------------------------------------------- facts
     @property
@@ -94,50 +109,107 @@ class TrainedAutoencoder:
 
     @property
     def size_multiple(self) -> int:
-        """Image sides that are multiples of this are processed at their own size."""
-        m = self.config.model
-        unet_levels = len(unet_channel_mult(self.config)) if m.decoder == "diffusion" else 1
-        return math.lcm(m.spatial_factor, 2 ** max(unet_levels - 1, 0))
+        """What image sides are padded to a multiple of, and tile sides must be a multiple of."""
+        return size_multiple(self.config)
 
     # ----------------------------------------------------------------------------- work
-    def encode(self, images, *, sample: bool = False, seed: int = 0):
-        """Latents (N, H/f, W/f, c) float32: the posterior means, or with `sample` draws
-        mean + std * n with image i's n from fold_in(key(seed), i)."""
-        return self._run(self.prepare(images), "encode",
-                         lambda x, i: self._encode(self.model, self.params, x, i, seed,
-                                                   sample=sample))
+    def encode(self, images, *, sample: bool = False, seed: int = 0, tile: int | None = None):
+        """Latents (N, ceil(H/f), ceil(W/f), c) float32: the posterior means, or with `sample`
+        draws mean + std * n with image i's n from fold_in(key(seed), i). `tile`: None tiles
+        images larger than the training size, 0 never, N with N-pixel tiles."""
+        f = self.config.model.spatial_factor
+        items = self.prepare(images)
+        return self._work(
+            items, self._tiles(items, tile, 1), "encode", f, 1 / f,
+            lambda x, i: self._encode(self.model, self.params, x, i, seed, sample=sample),
+            lambda x, i, t: self._encode_tiled(x, i, t, seed, sample))
 
     def decode(self, latents, *, steps: int | None = None, sampler: str | None = None,
-               spacing: str | None = None, seed: int = 0):
+               spacing: str | None = None, seed: int = 0, tile: int | None = None):
         """uint8 images (N, h*f, w*f, 3) of latents (N, h, w, c) or (h, w, c) or a list.
-        `steps`, `sampler`, `spacing` default to config.diffusion (DGAE only)."""
+        `steps`, `sampler`, `spacing` default to config.diffusion (DGAE only); `tile` as in
+        `encode`, in pixels of the image."""
         kw = self.model.decode_settings(steps, sampler, spacing)
-        return self._run(self._latents(latents), "decode",
-                         lambda z, i: self._decode(self.model, self.params, z, i, seed, **kw))
+        f = self.config.model.spatial_factor
+        items = self._latents(latents)
+        return self._work(
+            items, self._tiles(items, tile, f), "decode", self.size_multiple // f, f,
+            lambda z, i: self._decode(self.model, self.params, z, i, seed, **kw),
+            lambda z, i, t: pixels.to_uint8(self._decode_tiled(z, i, t, seed, kw)))
 
     def reconstruct(self, images, *, steps: int | None = None, sampler: str | None = None,
-                    spacing: str | None = None, seed: int = 0):
-        """decode(encode(images)) in one compiled step: uint8 images the size of the
-        (prepared) inputs."""
+                    spacing: str | None = None, seed: int = 0, tile: int | None = None):
+        """decode(encode(images)), in one compiled step when untiled: uint8 images the size of
+        the inputs. Arguments as in `encode` and `decode`."""
         kw = self.model.decode_settings(steps, sampler, spacing)
-        return self._run(self.prepare(images), "reconstruct",
-                         lambda x, i: self._reconstruct(self.model, self.params, x, i, seed,
-                                                        **kw))
+        items = self.prepare(images)
+
+        def tiled(x, i, t):
+            z = self._encode_tiled(x, i, t, seed, False)
+            return pixels.to_uint8(self._decode_tiled(z, i, t, seed, kw)[:x.shape[0],
+                                                                          :x.shape[1]])
+        return self._work(
+            items, self._tiles(items, tile, 1), "reconstruct", self.size_multiple, 1,
+            lambda x, i: self._reconstruct(self.model, self.params, x, i, seed, **kw), tiled)
 
     def prepare(self, images) -> list[np.ndarray]:
-        """The images as the networks see them: float32 (H, W, 3) in [-1, 1] each, at their
-        own size or as the evaluation view (see the module docstring)."""
-        out = []
-        for image in _as_image_list(images):
-            h, w = image.shape[:2]
-            if h % self.size_multiple or w % self.size_multiple:
-                size = self.config.image_size
-                if image.dtype != np.uint8:
-                    image = np.asarray(pixels.to_uint8(image))
-                image = sources.crop_resize(image, pipeline.square_box(h, w, size), size)
-            out.append(pixels.to_signed(image) if image.dtype == np.uint8
-                       else image.astype(np.float32))
-        return out
+        """The images as the networks see them: float32 (H, W, 3) in [-1, 1] each."""
+        return [pixels.to_signed(image) if image.dtype == np.uint8 else image.astype(np.float32)
+                for image in _as_image_list(images)]
+
+    # ----------------------------------------------------------------------------- tiling
+    def _tiles(self, items: list[np.ndarray], tile: int | None, unit: int) -> list[int]:
+        """Each item's tile side in pixels, 0 for untiled; `unit` is pixels per item position.
+        None tiles what is larger than the training size, with tiles of it; 0 never tiles."""
+        check_tile(self.config, tile, "tile")
+        if tile is not None:
+            return [tile] * len(items)
+        size = self.config.image_size
+        return [size if max(item.shape[:2]) * unit > size else 0 for item in items]
+
+    def _tiled_input(self, x: np.ndarray, tile: int, unit: int):
+        """`x` (item positions of `unit` pixels) padded by reflection at the bottom and right to
+        whole latent positions and at least one tile of `tile` pixels; its latent tile grid."""
+        per = self.config.model.spatial_factor // unit  # item positions per latent position
+        size = tile // self.config.model.spatial_factor
+        h, w = (max(-(-side // per), size) for side in x.shape[:2])
+        grid = tiling.Grid(h, w, size, max(1, size // 4))  # a quarter of a tile shared
+        return _pad(x, h * per, w * per), grid
+
+    def _encode_tiled(self, x: np.ndarray, index: int, tile: int, seed: int,
+                      sample: bool) -> np.ndarray:
+        """The blended posterior of one image (H, W, 3) from tiles of `tile` pixels."""
+        f = self.config.model.spatial_factor
+        padded, grid = self._tiled_input(x, tile, 1)
+        moments = grid.map(lambda t: self._tile_moments(self.model, self.params, self._shard(t)),
+                           [(padded, f)], 1, self.batch_size)
+        h, w = -(-x.shape[0] // f), -(-x.shape[1] // f)
+        mean, logvar = np.split(moments[:h, :w], 2, axis=-1)
+        if not sample:
+            return mean
+        key = jax.random.fold_in(jax.random.key(seed), index)
+        return mean + np.exp(0.5 * logvar) * np.asarray(jax.random.normal(key, mean.shape))
+
+    def _decode_tiled(self, z: np.ndarray, index: int, tile: int, seed: int,
+                      settings: dict) -> np.ndarray:
+        """One latent (h, w, c) decoded from tiles of `tile` pixels: float32 pixels."""
+        f = self.config.model.spatial_factor
+        padded, grid = self._tiled_input(z, tile, f)
+        if self.config.model.decoder == "conv":
+            x = grid.map(
+                lambda t: self._tile_conv_decode(self.model, self.params, self._shard(t)),
+                [(padded, 1)], f, self.batch_size)
+        else:
+            key = jax.random.fold_in(jax.random.key(seed), index)
+            noise = np.asarray(jax.random.normal(key, (grid.h * f, grid.w * f, 3)))
+            x = tiling.decode_flow(
+                lambda xt, t, zt: self._tile_velocity(self.model, self.params, self._shard(xt),
+                                                      t, self._shard(zt)),
+                grid, padded, noise, f, batch=self.batch_size, **settings)
+        return x[:z.shape[0] * f, :z.shape[1] * f]
+
+    def _shard(self, batch: np.ndarray) -> jax.Array:
+        return jax.device_put(batch, parallel.batch_sharding(self.mesh))
 
     # ----------------------------------------------------------------------------- batching
     def _latents(self, latents) -> list[np.ndarray]:
@@ -153,30 +225,56 @@ class TrainedAutoencoder:
                                  f"item of shape {z.shape}")
         return arrays
 
-    def _run(self, items: list[np.ndarray], what: str, step: Callable):
-        """`step(batch, indices)` over `items` grouped by shape, in fixed-size batches padded
-        with zeros; the outputs in the items' order (one array if they share a shape)."""
-        groups: dict[tuple, list[int]] = {}
-        for i, item in enumerate(items):
-            groups.setdefault(item.shape, []).append(i)
+    def _work(self, items: list[np.ndarray], tiles: list[int], what: str, multiple: int,
+              scale: float, step: Callable, tiled: Callable):
+        """Each item through `tiled(item, index, tile)` where its tile is set, the others
+        through `step(batch, indices)` padded to `multiple` and cropped back (outputs `scale`
+        times the item's size); the outputs in the items' order (one array if they share a
+        shape)."""
         out: list = [None] * len(items)
-        b, sharding = self.batch_size, parallel.batch_sharding(self.mesh)
-        with progress.bar(len(items), what, quiet=len(items) <= b) as meter:
-            for shape, indices in groups.items():
-                for start in range(0, len(indices), b):
-                    chunk = indices[start:start + b]
-                    batch = np.zeros((b, *shape), np.float32)
-                    batch[:len(chunk)] = np.stack([items[i] for i in chunk])
-                    index = np.full((b,), -1, np.int32)
-                    index[:len(chunk)] = chunk
-                    result = np.asarray(step(jax.device_put(batch, sharding),
-                                             jax.device_put(index, sharding)))
-                    for k, i in enumerate(chunk):
-                        out[i] = result[k]
-                    meter.update(len(chunk))
+        plain = [i for i, t in enumerate(tiles) if not t]
+        for i, result in zip(plain, self._batched([_pad(items[i], *(
+                -(-s // multiple) * multiple for s in items[i].shape[:2])) for i in plain],
+                plain, what, step)):
+            h, w = (math.ceil(s * scale) for s in items[i].shape[:2])
+            out[i] = result[:h, :w]
+        for i in (i for i, t in enumerate(tiles) if t):
+            out[i] = tiled(items[i], i, tiles[i])
         if len({o.shape for o in out}) == 1:
             return np.stack(out)
         return out
+
+    def _batched(self, items: list[np.ndarray], indices: list[int], what: str,
+                 step: Callable) -> list[np.ndarray]:
+        """`step(batch, indices)` over `items` grouped by shape, in fixed-size batches padded
+        with zeros; the outputs in the items' order."""
+        groups: dict[tuple, list[int]] = {}
+        for k, item in enumerate(items):
+            groups.setdefault(item.shape, []).append(k)
+        out: list = [None] * len(items)
+        b, sharding = self.batch_size, parallel.batch_sharding(self.mesh)
+        with progress.bar(len(items), what, quiet=len(items) <= b) as meter:
+            for shape, members in groups.items():
+                for start in range(0, len(members), b):
+                    chunk = members[start:start + b]
+                    batch = np.zeros((b, *shape), np.float32)
+                    batch[:len(chunk)] = np.stack([items[k] for k in chunk])
+                    index = np.full((b,), -1, np.int32)
+                    index[:len(chunk)] = [indices[k] for k in chunk]
+                    result = np.asarray(step(jax.device_put(batch, sharding),
+                                             jax.device_put(index, sharding)))
+                    for j, k in enumerate(chunk):
+                        out[k] = result[j]
+                    meter.update(len(chunk))
+        return out
+
+
+def _pad(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """`x` (H, W, C) padded at the bottom and right to (height, width) by reflection."""
+    if (height, width) == x.shape[:2]:
+        return x
+    return np.pad(x, ((0, height - x.shape[0]), (0, width - x.shape[1]), (0, 0)),
+                  mode="reflect")
 
 
 def _as_image_list(images) -> list[np.ndarray]:
@@ -223,3 +321,16 @@ def _decode(model: Autoencoder, params, z, index, seed, **settings):
 
 def _reconstruct(model: Autoencoder, params, x, index, seed, **settings):
     return _decode(model, params, model.encode(params, x).mean, index, seed, **settings)
+
+
+def _moments(model: Autoencoder, params, x):
+    posterior = model.encode(params, x)
+    return jnp.concatenate([posterior.mean, posterior.logvar], axis=-1)
+
+
+def _velocity(model: Autoencoder, params, x, t, z):
+    return model.velocity(params, x, jnp.full((x.shape[0],), t, jnp.float32), z)
+
+
+def _conv_decode(model: Autoencoder, params, z):
+    return model.decode_from_noise(params, z, None)

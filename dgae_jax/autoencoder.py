@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -61,6 +62,26 @@ def unet_channel_mult(config: ml_collections.ConfigDict) -> tuple:
         raise ConfigError(f"model.unet.channel_mult is empty and ADM has no default for "
                          f"image_size={config.image_size}; set it explicitly")
     return ADM_CHANNEL_MULT[config.image_size]
+
+
+def size_multiple(config: ml_collections.ConfigDict) -> int:
+    """What an image side must be a multiple of for both networks: the encoder's factor and the
+    U-Net's downsampling (both are convolutional, and attention runs over whatever positions a
+    level has)."""
+    m = config.model
+    unet_levels = len(unet_channel_mult(config)) if m.decoder == "diffusion" else 1
+    return math.lcm(m.spatial_factor, 2 ** max(unet_levels - 1, 0))
+
+
+def check_tile(config: ml_collections.ConfigDict, tile: int | None, field: str) -> None:
+    """A tile side (pixels) the networks can run on: None (tile what is larger than the training
+    size), 0 (never) or a multiple of size_multiple of at least two latent positions."""
+    if tile is None or tile == 0:
+        return
+    multiple, least = size_multiple(config), 2 * config.model.spatial_factor
+    if not isinstance(tile, int) or tile < least or tile % multiple:
+        raise ConfigError(f"{field}={tile!r} is not None, 0 or a multiple of {multiple} pixels "
+                          f"of at least {least}")
 
 
 def _build(config: ml_collections.FrozenConfigDict, name: str, rngs: nnx.Rngs) -> nnx.Module:

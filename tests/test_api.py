@@ -86,9 +86,9 @@ def test_inputs_of_every_kind_and_size(run):
     np.testing.assert_allclose(ae.encode(x.astype(np.float32) / 127.5 - 1), want, atol=1e-6)
     np.testing.assert_array_equal(ae.encode(x[0]), want[:1])
     tall = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((32, 64)))
-    odd = skimage.data.coffee()[:50, :70]  # 50 x 70: not multiples of 16, so the eval view
-    out = ae.reconstruct([x[0], tall, odd])
-    assert [o.shape for o in out] == [(32, 32, 3), (64, 32, 3), (32, 32, 3)]
+    odd = skimage.data.coffee()[:20, :30]  # not multiples of 16: padded and cropped back
+    out = ae.reconstruct([x[0], tall, odd])  # tall is above the training size: tiled
+    assert [o.shape for o in out] == [(32, 32, 3), (64, 32, 3), (20, 30, 3)]
     assert ae.encode(tall).shape == (1, 4, 2, 16)
     with pytest.raises(ValueError, match=r"float images must lie in \[-1, 1\]"):
         ae.encode(x.astype(np.float32))
@@ -108,7 +108,8 @@ def test_reconstruct_mode_writes_what_the_api_gives(run, tmp_path):
     (inputs / "more").mkdir(parents=True)
     Image.fromarray(run.images[0]).save(inputs / "astronaut.png")
     Image.fromarray(run.images[1]).save(inputs / "more" / "coffee.jpg", quality=95)
-    Image.fromarray(skimage.data.chelsea()).save(inputs / "cat.png")  # 300 x 451: eval view
+    cat = Image.fromarray(skimage.data.chelsea()).resize((60, 45))  # not 16s, tiled
+    cat.save(inputs / "cat.png")
     cfg = demo_config(**{"diffusion.sample_steps": 2})
     cfg.reconstruct.update(input=str(inputs), output=str(tmp_path / "out"), seed=2)
     record = run_mode(cfg, "reconstruct", run.workdir)

@@ -75,8 +75,11 @@ def autoencoder_config(factor: int, arg: str | None = None) -> ml_collections.Co
     )
     # --mode=reconstruct (modes/reconstruct.py): your images through a trained run. input: an image
     # or a folder; output: a directory (PNGs, comparison.png, metrics.json).
+    # tile: None = tile images larger than image_size, 0 = never, N = N-pixel tiles; dtype:
+    # None = model.dtype, or float32 | bfloat16 | float16 (api.load's dtype).
     c.reconstruct = dict(input="", output="", step=config_dict.placeholder(int), seed=0,
-                         grid_images=16)
+                         grid_images=16, tile=config_dict.placeholder(int),
+                         dtype=config_dict.placeholder(str))
     # --mode=export (modes/export.py): format 'dgae' (inference bundle for api.load) or, for
     # decoder=conv, 'diffusers' (an AutoencoderKL directory); dir must not exist yet.
     c.export = dict(dir="", step=config_dict.placeholder(int), format="dgae", stat_images=1024)

@@ -82,8 +82,9 @@ def readme(card: dict, fmt: str) -> str:
            "\"THIS_DIRECTORY\")")
     lines = [f"# {card['name']}: {kind}, step {card['step']}", "",
              f"Exported by dgae_jax from `{card['source']}`.", "", "```python", use, "```", "",
-             f"- images: {card['image_size']} px for training; any size whose sides are "
-             f"multiples of {card['size_multiple']} is encoded at its own size",
+             f"- images: {card['image_size']} px for training; any size is processed at its "
+             f"own size (sides padded to multiples of {card['size_multiple']}), larger ones "
+             "in blended tiles of the training size",
              f"- latent: {h}x{w}x{c} at the training size",
              f"- parameters: encoder {card['parameters']['encoder']:,}, decoder "
              f"{card['parameters']['decoder']:,}",

@@ -6,10 +6,12 @@
 Writes into OUT: each reconstruction as a PNG under its input's relative name (extension .png),
 `comparison.png` (the first reconstruct.grid_images inputs over their reconstructions) and
 `metrics.json` (PSNR, SSIM and LPIPS per image and their means). Images go through the Python
-API (api.py: same sizes rule, same seeding), so `api.load(RUN).reconstruct(images)` gives these
-same pixels; metrics compare each reconstruction with the input as the model saw it (resized
-and centre-cropped when its size is not a multiple of the model's). Decode settings are the
-config's (`--config.diffusion.sample_steps=...`). One process: the work is per image.
+API at their own size (api.py: same padding, tiling and seeding), so
+`api.load(RUN, dtype=D).reconstruct(images, tile=T)` gives these same pixels; metrics compare
+each reconstruction with its input. `reconstruct.tile` (None: tile images larger than the
+training size; 0: never; N: N-pixel tiles) and `reconstruct.dtype` (None: the run's) are the
+API's `tile` and `dtype`; decode settings are the config's (`--config.diffusion.sample_steps=...`).
+One process: the work is per image.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dgae_jax import api, checks, grids, pixels, progress
 from dgae_jax.data import images as image_files, sources
 from dgae_jax.errors import ConfigError
 from dgae_jax.metrics import image as image_metrics, lpips
+from dgae_jax.autoencoder import check_tile
 from dgae_jax.modes.base import AUTOENCODER_TASKS, Mode
 from dgae_jax.tasks.base import AutoencoderLike
 
@@ -71,9 +74,10 @@ def reconstruct(config: ml_collections.ConfigDict, workdir: str, task: Autoencod
     files = input_files(r.input)
     names = output_names([rel for rel, _ in files])
     images = [image_files.decode_image_file(path) for _, path in files]
-    ae = api.TrainedAutoencoder.from_run(config, workdir, r.step, field="reconstruct.step")
-    inputs = [np.asarray(pixels.to_uint8(x)) for x in ae.prepare(images)]
-    recons = list(ae.reconstruct(inputs, seed=r.seed))
+    ae = api.TrainedAutoencoder.from_run(config, workdir, r.step, field="reconstruct.step",
+                                         dtype=r.dtype)
+    inputs = images
+    recons = list(ae.reconstruct(inputs, seed=r.seed, tile=r.tile))
     rows = _metrics(config, lpips_weights, [rel for rel, _ in files], inputs, recons)
     out = os.path.abspath(r.output)
     for name, recon in zip(names, recons):
@@ -86,6 +90,7 @@ def reconstruct(config: ml_collections.ConfigDict, workdir: str, task: Autoencod
     mean = {k: float(np.mean([row[k] for row in rows])) for k in ("psnr", "ssim", "lpips")}
     record = {"step": ae.step, "workdir": os.path.abspath(workdir), "input": r.input,
               "num_images": len(rows), "seed": r.seed, "lpips_net": config.loss.lpips_net,
+              "tile": r.tile, "dtype": ae.config.model.dtype,
               **ae.model.decode_record(), "mean": mean, "images": rows}
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(record, f, indent=1)
@@ -141,6 +146,9 @@ def check(config: ml_collections.ConfigDict, device_count: int | None) -> None:
     checks.writable(r.output, "reconstruct.output")
     checks.optional_step(config, "reconstruct.step")
     checks.positive(config, "reconstruct.grid_images")
+    check_tile(config, r.tile, "reconstruct.tile")
+    if r.dtype is not None:
+        checks.one_of(r.dtype, checks.DTYPES, "reconstruct.dtype")
 
 
 MODE = Mode(reconstruct, AUTOENCODER_TASKS, one_process=True, check=check)
