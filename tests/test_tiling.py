@@ -150,3 +150,14 @@ def test_reconstruct_mode_checks_its_tile_and_dtype(tmp_path):
     cfg.reconstruct.update(tile=0, dtype="half")
     with pytest.raises(ConfigError, match="reconstruct.dtype='half' is not one of"):
         validation.validate(cfg, "reconstruct", workdir=str(tmp_path), device_count=8)
+
+
+def test_the_conv_baseline_tiles_too(tmp_path, photo):
+    """The SD-VAE decoder blends its tiles' pixels once: one tile is the untiled decode, and a
+    larger latent decodes in tiles to its own size."""
+    save_run(tmp_path / "conv", demo_config(**{"model.decoder": "conv"}), 5)
+    conv = api.load(tmp_path / "conv")
+    z = conv.encode(photo[:64, :48], tile=0)
+    np.testing.assert_array_equal(conv.decode(z[:, :2, :2], tile=32),
+                                  conv.decode(z[:, :2, :2], tile=0))
+    assert conv.decode(z).shape == (1, 64, 48, 3)  # above the training size: tiled
