@@ -70,7 +70,7 @@ def picture(image: np.ndarray, recon: np.ndarray, tile: int, factor: int, path: 
     """Input | tiled reconstruction, with ticks in the margin above and left of the
     reconstruction where each tile starts and ends (the image itself is not drawn on)."""
     h = image.shape[0] // factor
-    grid = tiling.Grid(h, h, tile // factor, max(1, tile // factor // 4))
+    grid = tiling.Grid.of(h, h, tile // factor)
     edges = sorted({y * factor + e for y, _, _, _ in grid.boxes for e in (0, tile)})
     margin, gap = 6, 8
     size = image.shape[0]

@@ -173,7 +173,7 @@ class TrainedAutoencoder:
         per = self.config.model.spatial_factor // unit  # item positions per latent position
         size = tile // self.config.model.spatial_factor
         h, w = (max(-(-side // per), size) for side in x.shape[:2])
-        grid = tiling.Grid(h, w, size, max(1, size // 4))  # a quarter of a tile shared
+        grid = tiling.Grid.of(h, w, size)
         return _pad(x, h * per, w * per), grid
 
     def _encode_tiled(self, x: np.ndarray, index: int, tile: int, seed: int,

@@ -60,10 +60,15 @@ class Grid:
     tile: int
     overlap: int
 
+    @classmethod
+    def of(cls, h: int, w: int, tile: int) -> "Grid":
+        """The grid the API uses: neighbours share a quarter of a tile (at least a position)."""
+        return cls(h, w, tile, max(1, tile // 4))
+
     @property
-    def boxes(self) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
-        """(y, x, row window, column window) of every tile, row by row: latent starts and the
-        1-D windows at one sample per latent position."""
+    def boxes(self) -> list[tuple[int, int, tuple[bool, bool], tuple[bool, bool]]]:
+        """(y, x, rows, cols) of every tile, row by row: its latent start, and whether it has a
+        neighbour (before, after) along its rows and along its columns (where `ramp` falls)."""
         ys, xs = starts(self.h, self.tile, self.overlap), starts(self.w, self.tile, self.overlap)
         return [(y, x, (i > 0, i < len(ys) - 1), (j > 0, j < len(xs) - 1))
                 for i, y in enumerate(ys) for j, x in enumerate(xs)]
