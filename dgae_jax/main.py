@@ -14,6 +14,7 @@ from ml_collections import config_flags
 
 from dgae_jax import modes, parallel, validation
 from dgae_jax.errors import ConfigError, DGAEError
+from dgae_jax.tasks import registry
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/f16.py or configs/f16.py:demo,c=8.",
@@ -35,8 +36,11 @@ def quiet_library_logs() -> None:
         lambda r: r.levelno >= std_logging.WARNING or not any(n in r.pathname for n in noisy))
 
 
-def run(config, mode: str, workdir: str | None) -> dict | None:
-    """Validates (config, mode) before anything else, then runs the mode."""
+def run(config, mode: str, workdir: str | None, user_set: dict | None = None) -> dict | None:
+    """Completes the config from what the task takes elsewhere (a student: its teacher run) and
+    validates (config, mode) before anything else, then runs the mode. `user_set`: the fields
+    given on the command line (flat 'a.b' -> value)."""
+    registry.task_class(config).complete_config(config, user_set or {})
     validation.validate(config, mode, workdir=workdir)  # no device, file or network work yet
     if mode != "summary":  # summary is abstract: one local device, no cluster
         parallel.initialize_distributed()
@@ -53,7 +57,8 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     quiet_library_logs()
     try:
-        record = run(_CONFIG.value, _MODE.value, _WORKDIR.value)
+        record = run(_CONFIG.value, _MODE.value, _WORKDIR.value,
+                     config_flags.get_override_values(flags.FLAGS["config"]))
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     except DGAEError as e:  # every other error of the project's (errors.py): one line

@@ -2,6 +2,9 @@
 image files. A test module takes them from here, not from another test module or conftest, so
 that each test module runs alone and none runs another's set-up."""
 
+import importlib.util
+import pathlib
+
 import jax
 import ml_collections
 import numpy as np
@@ -12,6 +15,17 @@ from dgae_jax import config_lib, parallel
 from dgae_jax.data import sources
 
 # ---------------------------------------------------------------------------------- configs
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def config_file(name: str):
+    """The `get_config` of configs/<name>, the module --config=configs/<name> loads."""
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"),
+                                                  ROOT / "configs" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config
 
 
 def override(cfg, fields: dict):

@@ -1,8 +1,6 @@
 """Config variants, validation errors and the `--mode=summary` command line."""
 
-import importlib.util
 import json
-import pathlib
 import subprocess
 import sys
 
@@ -11,8 +9,7 @@ import pytest
 from dgae_jax import config_lib
 from dgae_jax.validation import validate as validate_for
 
-
-ROOT = pathlib.Path(__file__).parent.parent
+from helpers import config_file
 
 
 def validate(config):
@@ -47,14 +44,12 @@ def test_decoder_shape_variants_apply_to_the_configured_decoder():
 
 def test_readme_demo_config():
     """configs/demo.py: 8x8x16 latents of 64 px crops, 1,800 steps; its variants pass through."""
-    spec = importlib.util.spec_from_file_location("demo", ROOT / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    demo = module.get_config()
+    get_config = config_file("demo.py")
+    demo = get_config()
     assert demo.name == "demo" and demo.total_steps == 1_800 and demo.eval_every == 900
     assert (demo.image_size, demo.model.spatial_factor, demo.model.latent_channels) == (64, 8, 16)
     validate(demo)
-    assert module.get_config("decoder=conv").model.decoder == "conv"
+    assert get_config("decoder=conv").model.decoder == "conv"
 
 
 @pytest.mark.parametrize("arg,match", [("colour=red", "unknown config variant 'colour'"),

@@ -15,39 +15,86 @@ from dgae_jax.tasks.distill import DistillationTask, teacher_run
 from dgae_jax.tasks.trained import load_autoencoder
 
 from fakes import mesh_of, recording
-from helpers import OVERRIDES, demo_config, override, photo_crops, save_run
+from helpers import OVERRIDES, config_file, override, photo_crops, save_run
+
+
+def teacher_config(factor):
+    """The f`factor` demo autoencoder at test size (32 px), decoding in 2 steps."""
+    return override(config_lib.autoencoder_config(factor, "demo"),
+                    {**OVERRIDES, "diffusion.sample_steps": 2})
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    """(workdir, EMA parameters) of an autoencoder run checkpointed at step 5."""
-    workdir = tmp_path_factory.mktemp("teacher") / "run"
-    cfg = demo_config(**{"diffusion.sample_steps": 2})
-    return str(workdir), save_run(workdir, cfg, 5)["ema"]
+def teachers(tmp_path_factory):
+    """{factor: (workdir, EMA parameters)} of an f8 and an f16 autoencoder run checkpointed at
+    step 5."""
+    out = {}
+    for factor in (8, 16):
+        workdir = tmp_path_factory.mktemp(f"teacher{factor}") / "run"
+        out[factor] = str(workdir), save_run(workdir, teacher_config(factor), 5)["ema"]
+    return out
 
 
-def student_config(teacher_dir, **extra):
-    cfg = override(config_lib.distill_config(16, "demo"), {**OVERRIDES, **extra})
+@pytest.fixture(scope="module")
+def teacher(teachers):
+    return teachers[16]
+
+
+def student_config(teacher_dir, user_set=None, **extra):
+    """configs/distill.py:demo with `user_set` applied as the command line does, completed from
+    the teacher run, then `extra` applied."""
+    cfg = override(config_lib.distill_config("demo"), user_set or {})
     cfg.distill.update(teacher=teacher_dir, teacher_steps=3)
-    return cfg
+    DistillationTask.complete_config(cfg, user_set or {})
+    return override(cfg, extra)
 
 
 @pytest.fixture(scope="module")
 def task(teacher):
-    cfg = student_config(teacher[0])
+    cfg = student_config(teacher[0], **{"distill.student_steps": (1, 2),
+                                        "distill.gt_mse_weight": 0.3,
+                                        "distill.gt_lpips_weight": 0.2})
     validation.validate(cfg, "train", workdir=teacher[0])
     return DistillationTask(cfg, "eval")
 
 
-def test_the_student_starts_as_the_teacher(task, teacher):
-    _, ema = teacher
+def test_one_config_file_takes_the_networks_of_any_teacher(teachers):
+    get_config = config_file("distill.py")
+    for factor, (workdir, _) in teachers.items():
+        cfg = get_config("demo")
+        cfg.distill.teacher = workdir
+        user_set = {"data.eval_crops": 2, "optimizer.lr": 0.1}  # as the CLI applies them
+        DistillationTask.complete_config(override(cfg, user_set), user_set)
+        want = teacher_config(factor)
+        assert cfg.model.to_dict() == want.model.to_dict() and cfg.image_size == 32
+        assert cfg.model.spatial_factor == factor and cfg.loss.lpips_net == "alexnet"
+        assert cfg.name == f"f{factor}-demo-student" and cfg.task == "distill"
+        assert cfg.data.eval_crops == 2 and cfg.data.name == want.data.name  # the user's wins
+        assert cfg.optimizer.lr == 0.1 and cfg.total_steps == 1_200  # the recipe's
+        validation.validate(cfg, "train", workdir=workdir)
+
+
+def test_a_network_field_the_user_set_must_be_the_teachers(teacher):
+    student_config(teacher[0], {"model.unet.width": 8, "image_size": 32})  # the same: fine
+    with pytest.raises(ConfigError, match=r"^model.unet.width=16, but distill.teacher='\S*' was "
+                       r"trained with 8: a student has its teacher's networks"):
+        student_config(teacher[0], {"model.unet.width": 16})
+    with pytest.raises(ConfigError, match=r"^distill.teacher is required"):
+        DistillationTask.complete_config(config_lib.distill_config("demo"), {})
+
+
+@pytest.mark.parametrize("factor", [8, 16])
+def test_the_student_starts_as_the_teacher(teachers, factor):
+    workdir, ema = teachers[factor]
+    task = DistillationTask(student_config(workdir), "export")
     assert task.teacher_step == 5 and task.config.distill.teacher_step == 5
     params = task.init_params(task.model, jax.random.key(0))
     for got, want in zip(jax.tree.leaves(params["decoder"]), jax.tree.leaves(ema["decoder"])):
         np.testing.assert_array_equal(np.asarray(got), want)
     # So its 1-step decode is the teacher's 1-step decode, from any latent and noise.
     ae = task.model.autoencoder
-    z = jax.random.normal(jax.random.key(1), (2, 2, 2, 16))
+    z = jax.random.normal(jax.random.key(1), (2, 32 // factor, 32 // factor,
+                                              task.config.model.latent_channels))
     noise = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
     decode = jax.jit(lambda p: ae.decode_from_noise(p, z, noise, 1))
     np.testing.assert_array_equal(decode(task.model.student(params)),
@@ -76,22 +123,26 @@ def test_loss_by_hand(task):
         target = diffusion.sample(lambda x_t, t: ae.velocity(model.teacher, x_t, t, z), noise,
                                   3, "euler", "uniform")
         student = {"encoder": enc, "decoder": params["decoder"]}
-        terms = {}
+        terms = {"teacher_gt_mse": jnp.mean((target - x) ** 2)}
         for k in (1, 2):
             # k Euler steps written out: x <- x + (t_next - t) v, t from 1 to 0.
             out, ts = noise, np.linspace(1.0, 0.0, k + 1)
             for t, t_next in zip(ts[:-1], ts[1:]):
                 out = out + (t_next - t) * ae.velocity(student, out, jnp.full((4,), t), z)
-            terms[k] = (jnp.mean((out - target) ** 2),
-                        jnp.mean(lpips.lpips_distance(model.autoencoder.lpips_weights, out,
-                                                      target, net="alexnet")))
+            for prefix, reference in (("", target), ("gt_", x)):
+                terms[f"{prefix}mse_{k}"] = jnp.mean((out - reference) ** 2)
+                terms[f"{prefix}lpips_{k}"] = jnp.mean(lpips.lpips_distance(
+                    model.autoencoder.lpips_weights, out, reference, net="alexnet"))
         return terms
 
-    want = 0.0
-    for k, (mse, perceptual) in jax.device_get(by_hand(model, params, x)).items():
-        assert metrics[f"mse_{k}"] == pytest.approx(float(mse), rel=1e-4)
-        assert metrics[f"lpips_{k}"] == pytest.approx(float(perceptual), rel=1e-4)
-        want += (d.mse_weight * mse + d.lpips_weight * perceptual) / 2
+    terms = jax.device_get(by_hand(model, params, x))
+    assert set(metrics) == {"loss", *terms}
+    for name, value in terms.items():
+        assert metrics[name] == pytest.approx(float(value), rel=1e-4), name
+    want = sum(d.mse_weight * terms[f"mse_{k}"] + d.lpips_weight * terms[f"lpips_{k}"]
+               + d.gt_mse_weight * terms[f"gt_mse_{k}"] + d.gt_lpips_weight * terms[f"gt_lpips_{k}"]
+               for k in (1, 2)) / 2
+    assert (d.mse_weight, d.lpips_weight, d.gt_mse_weight, d.gt_lpips_weight) == (1, 0.5, 0.3, 0.2)
     assert float(loss) == pytest.approx(float(want), rel=1e-4)
 
 

@@ -43,6 +43,10 @@ class AutoencoderTask:
             config.eval.inception_weights or None) if evaluates else None)
 
     @classmethod
+    def complete_config(cls, config: ml_collections.ConfigDict, user_set: dict) -> None:
+        """Its config is complete as given."""
+
+    @classmethod
     def check_config(cls, config: ml_collections.ConfigDict, mode: str) -> None:
         """The model, loss, data and evaluation fields; the init.*_from directories (train)."""
         _check_model(config)

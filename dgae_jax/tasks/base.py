@@ -75,6 +75,13 @@ class Task(Protocol):
     model: Any
 
     @classmethod
+    def complete_config(cls, config: ml_collections.ConfigDict, user_set: dict) -> None:
+        """Fills, in place and before validation, the fields the task takes from elsewhere (a
+        distillation: its teacher run's networks and data); `user_set` holds the fields given
+        on the command line (flat 'a.b' -> value), which win or, where they cannot, are
+        refused in one line."""
+
+    @classmethod
     def check_config(cls, config: ml_collections.ConfigDict, mode: str) -> None:
         """Raises ConfigError naming the first bad field of the task's own config sections,
         before the task is built (validation.py calls it after the cross-cutting checks)."""

@@ -3,9 +3,9 @@ trainer.
 
 It is the autoencoder task with another model (whose `init` and `loss_fn` the inherited
 `init_params` and `loss_fn` call): the same images, batch spec, bad-image
-policy and evaluation. Its config is the teacher's architecture (`configs/distill_f16.py`, same
-variants as the teacher's) plus a `distill` section; `distill.teacher` names the teacher's run,
-whose saved config must have the same model and image size (checked when the task starts). Its
+policy and evaluation. Its config (`configs/distill.py`) is a recipe: `distill.teacher` names the
+teacher's run, whose saved config gives the student's networks, image size, data and LPIPS net
+(`complete_config`, before validation; checked again when the task starts). Its
 checkpoints hold the student decoder only: evaluation, the sweep, reconstruct, export, the API
 and the DiT's decoding pair it with the teacher's EMA encoder (`load_trained`), so a student
 decodes the teacher's latents, a latent cache made with the teacher included.
@@ -30,18 +30,52 @@ from dgae_jax.tasks.ae_eval import AutoencoderEvaluator
 from dgae_jax.tasks.base import Run
 
 
+# What a student takes from its teacher run's saved config (complete_config): fixed, its networks
+# and image size; by default, its data and loss section (the LPIPS net).
+FROM_TEACHER_FIXED = ("image_size", "model")
+FROM_TEACHER = ("data", "loss")
+
+
 class DistillationTask(AutoencoderTask):
     def __init__(self, config: ml_collections.ConfigDict, mode: str = "train"):
         """Loads the teacher's EMA parameters onto the config's mesh (replicated: they are part
         of the model pytree), after checking its networks are the student's."""
         super().__init__(config, mode)  # LPIPS and the FID Inception as the autoencoder's
         ae = self.model
-        if config.distill.lpips_weight > 0 and ae.lpips_weights is None:
+        d = config.distill
+        if max(d.lpips_weight, d.gt_lpips_weight) > 0 and ae.lpips_weights is None:
             ae = dataclasses.replace(ae, lpips_weights=lpips.load_weights(config.loss.lpips_net))
         mesh = parallel.make_mesh(config.mesh)
         self.teacher_step, teacher = load_teacher(config, mesh)
         config.distill.teacher_step = self.teacher_step  # saved with each checkpoint
         self.model = Distillation(ae, jax.device_put(teacher, parallel.replicated(mesh)))
+
+    @classmethod
+    def complete_config(cls, config: ml_collections.ConfigDict, user_set: dict) -> None:
+        """Takes the teacher run's networks, image size, data and loss (its LPIPS net) from its
+        saved config, and names the run '<teacher>-student'. A data or loss field given on the
+        command line wins; a network or image-size field that differs from the teacher's is
+        refused (the student starts as the teacher's decoder)."""
+        d = config.distill
+        require(bool(d.teacher), "distill.teacher is required: the teacher run's workdir")
+        checks.run_workdir(d.teacher, "distill.teacher")
+        checks.optional_step(config, "distill.teacher_step")
+        _, saved = runs.saved_config(d.teacher, d.teacher_step, "distill.teacher_step")
+        for key, value in user_set.items():
+            if key.split(".")[0] in FROM_TEACHER_FIXED:
+                theirs = _plain(saved)
+                for part in key.split("."):
+                    theirs = theirs.get(part) if isinstance(theirs, dict) else None
+                if _plain(value) != theirs:
+                    raise ConfigError(f"{key}={value!r}, but distill.teacher={d.teacher!r} was "
+                                      f"trained with {theirs!r}: a student has its teacher's "
+                                      "networks (leave the field out)")
+        for key in FROM_TEACHER_FIXED + FROM_TEACHER:
+            config[key] = _tuples(saved[key])
+        config.update_from_flattened_dict(
+            {k: v for k, v in user_set.items() if k.split(".")[0] in FROM_TEACHER})
+        if "name" not in user_set:
+            config.name = f"{saved.name}-student"
 
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict, mode: str) -> None:
@@ -57,9 +91,10 @@ class DistillationTask(AutoencoderTask):
         checks.one_of(d.teacher_sampler, diffusion.SAMPLERS, "distill.teacher_sampler")
         checks.one_of(d.teacher_spacing, diffusion.SPACINGS, "distill.teacher_spacing")
         checks.distinct_positive_ints(d.student_steps, "distill.student_steps")
-        checks.not_negative(config, "distill.mse_weight", "distill.lpips_weight")
-        require(d.mse_weight + d.lpips_weight > 0,
-                "distill.mse_weight and distill.lpips_weight are both 0: nothing to train on")
+        weights = ("mse_weight", "lpips_weight", "gt_mse_weight", "gt_lpips_weight")
+        checks.not_negative(config, *(f"distill.{w}" for w in weights))
+        require(sum(d[w] for w in weights) > 0,
+                f"distill.{', distill.'.join(weights)} are all 0: nothing to train on")
         if mode == "sweep":
             checks.distinct_positive_ints(config.eval.sweep_teacher_steps,
                                           "eval.sweep_teacher_steps", at_least_one=False)
@@ -147,6 +182,21 @@ def first_difference(theirs, ours, path: str) -> str:
             if theirs.get(key) != ours.get(key):
                 return first_difference(theirs.get(key), ours.get(key), f"{path}.{key}")
     return f"{path}={theirs!r}, this config {ours!r}"
+
+
+def _plain(value):
+    """A config value as its saved JSON reads back (tuples as lists), to compare the two."""
+    if isinstance(value, ml_collections.ConfigDict):
+        value = value.to_dict()
+    return json.loads(json.dumps(value, default=list))
+
+
+def _tuples(value):
+    """A saved config value with the tuples its JSON turned into lists back (config files write
+    tuples: the sections taken from a teacher then read as their config file wrote them)."""
+    if isinstance(value, ml_collections.ConfigDict):
+        return ml_collections.ConfigDict({k: _tuples(v) for k, v in value.items()})
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def _decoder_init(model: Autoencoder, rng: jax.Array) -> dict:

@@ -81,6 +81,10 @@ class LatentDiffusionTask:
                 config.eval.inception_weights or None)
 
     @classmethod
+    def complete_config(cls, config: ml_collections.ConfigDict, user_set: dict) -> None:
+        """Its config is complete as given."""
+
+    @classmethod
     def check_config(cls, config: ml_collections.ConfigDict, mode: str) -> None:
         """The DiT, its diffusion, the latent cache, sampling and evaluation fields."""
         m = config.model
