@@ -37,16 +37,19 @@ def quiet_library_logs() -> None:
 
 
 def run(config, mode: str, workdir: str | None, user_set: dict | None = None) -> dict | None:
-    """Completes the config from what the task takes elsewhere (a student: its teacher run) and
-    validates (config, mode) before anything else, then runs the mode. `user_set`: the fields
+    """Validates (config, mode) before anything else, completes the config with what the task
+    takes from elsewhere (a student: its teacher run's networks, read through Orbax, which needs
+    the distributed runtime up), validates the result, then runs the mode. `user_set`: the fields
     given on the command line (flat 'a.b' -> value)."""
-    registry.task_class(config).complete_config(config, user_set or {})
     validation.validate(config, mode, workdir=workdir)  # no device, file or network work yet
+    device_count = process_count = None
     if mode != "summary":  # summary is abstract: one local device, no cluster
         parallel.initialize_distributed()
         import jax
-        validation.validate(config, mode, workdir=workdir, device_count=jax.device_count(),
-                            process_count=jax.process_count())
+        device_count, process_count = jax.device_count(), jax.process_count()
+    registry.task_class(config).complete_config(config, user_set or {})
+    validation.validate(config, mode, workdir=workdir, device_count=device_count,
+                        process_count=process_count or 1)
     if modes.MODES[mode].workdir:  # the modes that write TensorBoard files
         hide_accelerators_from_tensorflow()
     return modes.run(config, mode, workdir)

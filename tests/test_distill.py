@@ -88,13 +88,14 @@ def test_the_student_starts_as_the_teacher(teachers, factor):
     workdir, ema = teachers[factor]
     task = DistillationTask(student_config(workdir), "export")
     assert task.teacher_step == 5 and task.config.distill.teacher_step == 5
+    latent_shape = [32 // factor, 32 // factor, task.config.model.latent_channels]
+    assert task.describe({"decoder": 1})["latent_shape"] == latent_shape  # --mode=summary's
     params = task.init_params(task.model, jax.random.key(0))
     for got, want in zip(jax.tree.leaves(params["decoder"]), jax.tree.leaves(ema["decoder"])):
         np.testing.assert_array_equal(np.asarray(got), want)
     # So its 1-step decode is the teacher's 1-step decode, from any latent and noise.
     ae = task.model.autoencoder
-    z = jax.random.normal(jax.random.key(1), (2, 32 // factor, 32 // factor,
-                                              task.config.model.latent_channels))
+    z = jax.random.normal(jax.random.key(1), (2, *latent_shape))
     noise = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
     decode = jax.jit(lambda p: ae.decode_from_noise(p, z, noise, 1))
     np.testing.assert_array_equal(decode(task.model.student(params)),

@@ -70,7 +70,7 @@ def ldm_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # --mode=sample, and the evaluation during training.
     # decoder: "" decodes with the cache's autoencoder; or a distilled student's workdir
-    # (configs/distill_f16.py) of that autoencoder, for 1-2 step decoding.
+    # (configs/distill.py) of that autoencoder, for 1-2 step decoding.
     c.sample = dict(num=64, classes=(), seed=0, step=config_dict.placeholder(int), decoder="")
     c.eval = dict(num_images=16, fid_samples=5_000, fid_reference="", inception_weights="",
                   step=config_dict.placeholder(int), tag="")

@@ -126,7 +126,8 @@ class DistillationTask(AutoencoderTask):
 
     def describe(self, param_totals: dict[str, int]) -> dict:
         d = self.config.distill
-        return {"student_params": param_totals["decoder"], "teacher": d.teacher,
+        return {"student_params": param_totals["decoder"],
+                "latent_shape": list(self.model.autoencoder.latent_shape), "teacher": d.teacher,
                 "teacher_step": self.teacher_step, "teacher_steps": d.teacher_steps,
                 "student_steps": list(d.student_steps)}
 
