@@ -11,7 +11,8 @@ Each NAME is a model trained once per seed, each RUN one of its workdirs (the sa
   * `PREFIX.png` (with --out): each metric against training step, one line per model (the mean
     over seeds) with each seed's own line faint;
   * `PREFIX-images.png` (with --out and --images=TAG): the evaluation grid `images/<step>-<TAG>.png`
-    of each model's first run, stacked as the inputs (checked equal across models) over each
+    of each model's first run at its final step (models may end at different steps, e.g. a
+    teacher and its student), stacked as the inputs (checked equal across models) over each
     model's reconstructions of them.
 `--tag=TAG` takes the table from the tagged evaluations (`eval/<step>-<TAG>.json`, e.g. at a
 decode setting chosen after training); the curves always come from the runs' own evaluations.
@@ -151,12 +152,13 @@ def plot_curves(groups: dict[str, list[str]], title: str = "") -> bytes:
     return grids.panels_png(fig, axes, title)
 
 
-def stack_images(groups: dict[str, list[str]], step: int, tag: str) -> np.ndarray:
+def stack_images(groups: dict[str, list[str]], steps: dict[str, int], tag: str) -> np.ndarray:
     """The inputs over each model's reconstructions, from each model's first run's evaluation
-    grid (inputs row over reconstructions row); the inputs must be the same images."""
+    grid at its step in `steps` (inputs row over reconstructions row); the inputs must be the
+    same images."""
     inputs, rows = None, []
     for name, runs in groups.items():
-        path = os.path.join(runs[0], "images", f"{step}-{tag}.png")
+        path = os.path.join(runs[0], "images", f"{steps[name]}-{tag}.png")
         if not os.path.isfile(path):
             raise ConfigError(f"{path!r} does not exist (an evaluation with eval.tag={tag!r})")
         grid = np.asarray(Image.open(path).convert("RGB"))
@@ -191,9 +193,9 @@ def run(args: list[str]) -> dict:
         with open(record["curves_png"], "wb") as f:
             f.write(plot_curves(groups, _TITLE.value))
         if _IMAGES.value:
-            step = next(iter(record["models"].values()))["step"]
+            steps = {name: model["step"] for name, model in record["models"].items()}
             record["images_png"] = f"{_OUT.value}-images.png"
-            Image.fromarray(stack_images(groups, step, _IMAGES.value)).save(record["images_png"])
+            Image.fromarray(stack_images(groups, steps, _IMAGES.value)).save(record["images_png"])
             record["images_rows"] = ["inputs", *groups]
     print(json.dumps(record))
     return record

@@ -60,8 +60,9 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     quiet_library_logs()
     try:
+        given = flags.FLAGS["config"]
         record = run(_CONFIG.value, _MODE.value, _WORKDIR.value,
-                     config_flags.get_override_values(flags.FLAGS["config"]))
+                     config_flags.get_override_values(given) if given.present else {})
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     except DGAEError as e:  # every other error of the project's (errors.py): one line

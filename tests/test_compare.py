@@ -66,7 +66,9 @@ def test_tagged_table_curves_and_stacked_images(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     inputs = rng.integers(0, 256, (4, 8, 8, 3), np.uint8)
     recon = {name: rng.integers(0, 256, (4, 8, 8, 3), np.uint8) for name in "AB"}
+    # B ends at another step (as a student after its teacher): each model's own final grid.
     runs = {name: [write_run(tmp_path / f"{name}{i}", {"psnr": 15.0 + i}, tag="final",
+                             steps=(10, 20) if name == "A" else (10, 30),
                              grid=grids.image_grid(np.stack([inputs, recon[name]])))
                    for i in range(2)] for name in "AB"}
     args = [f"{name}={','.join(r)}" for name, r in runs.items()]

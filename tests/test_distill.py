@@ -1,8 +1,12 @@
 """The distillation task (distill.py): the loss worked by hand, the student's start, and the
 student decoding through the loaders every mode and the API use."""
 
+import copy
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -52,6 +56,7 @@ def student_config(teacher_dir, user_set=None, **extra):
 @pytest.fixture(scope="module")
 def task(teacher):
     cfg = student_config(teacher[0], **{"distill.student_steps": (1, 2),
+                                        "distill.mse_weight": 1.0, "distill.lpips_weight": 0.5,
                                         "distill.gt_mse_weight": 0.3,
                                         "distill.gt_lpips_weight": 0.2})
     validation.validate(cfg, "train", workdir=teacher[0])
@@ -90,6 +95,7 @@ def test_the_student_starts_as_the_teacher(teachers, factor):
     assert task.teacher_step == 5 and task.config.distill.teacher_step == 5
     latent_shape = [32 // factor, 32 // factor, task.config.model.latent_channels]
     assert task.describe({"decoder": 1})["latent_shape"] == latent_shape  # --mode=summary's
+    assert task.benchmark_components((), None, None, None) == {}  # --mode=benchmark: the step
     params = task.init_params(task.model, jax.random.key(0))
     for got, want in zip(jax.tree.leaves(params["decoder"]), jax.tree.leaves(ema["decoder"])):
         np.testing.assert_array_equal(np.asarray(got), want)
@@ -145,6 +151,14 @@ def test_loss_by_hand(task):
                for k in (1, 2)) / 2
     assert (d.mse_weight, d.lpips_weight, d.gt_mse_weight, d.gt_lpips_weight) == (1, 0.5, 0.3, 0.2)
     assert float(loss) == pytest.approx(float(want), rel=1e-4)
+
+    # Without the teacher's terms (the default recipe) the teacher's decoder is not run.
+    ground_truth_only = copy.deepcopy(task.config)
+    ground_truth_only.distill.update(mse_weight=0.0, lpips_weight=0.0)
+    model = dataclasses.replace(model, autoencoder=dataclasses.replace(
+        ae, config=ml_collections.FrozenConfigDict(ground_truth_only)))
+    _, shapes = jax.eval_shape(loss_fn, model, params, {"image": x}, rng)
+    assert set(shapes) == {"loss", "gt_mse_1", "gt_lpips_1", "gt_mse_2", "gt_lpips_2"}
 
 
 @pytest.mark.slow

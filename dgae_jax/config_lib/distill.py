@@ -38,9 +38,12 @@ def distill_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # Student step counts trained together (the loss averages over them).
         student_steps=(1,),
         # Against the teacher's decode from the same latent and noise (SSDD's terms) ...
-        mse_weight=1.0, lpips_weight=0.5,
-        # ... and against the image itself.
-        gt_mse_weight=0.0, gt_lpips_weight=0.0)
+        mse_weight=0.0, lpips_weight=0.0,
+        # ... and against the image itself. Measured on the set-up demo's teacher (README
+        # "Decoding in one step"): the image alone beat the teacher's target and the two
+        # together, at 2.5x less time per step (the teacher is not run); not measured at
+        # paper scale, where SSDD's mse_weight=1, lpips_weight=0.5 is the alternative.
+        gt_mse_weight=1.0, gt_lpips_weight=0.5)
     c.diffusion.update(sample_steps=1, sampler="euler", spacing="uniform")
     c.eval.update(sweep_steps=(1, 2, 4), sweep_samplers=("euler",), sweep_spacings=("uniform",),
                   sweep_teacher_steps=(1, 2, 4, 8, 25))
@@ -48,7 +51,7 @@ def distill_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.total_steps = 1_200
         c.eval_every = 600
         c.checkpoint_every = 300
-        c.optimizer.update(lr=2e-4, end_lr=2e-5, warmup_steps=25)
+        c.optimizer.update(lr=5e-4, end_lr=5e-5, warmup_steps=25)  # the teacher's; beat 2e-4
         # The demo teacher's sweep: Euler is within noise of its best from 4 steps.
         c.distill.teacher_steps = 4
     return c

@@ -124,6 +124,9 @@ class DistillationTask(AutoencoderTask):
     def benchmark_names(self) -> tuple[str, ...]:
         return ()  # the train step only: the student's inference is the autoencoder's
 
+    def benchmark_components(self, names, params, mesh: jax.sharding.Mesh, data) -> dict:
+        return {}  # none (benchmark_names)
+
     def describe(self, param_totals: dict[str, int]) -> dict:
         d = self.config.distill
         return {"student_params": param_totals["decoder"],
