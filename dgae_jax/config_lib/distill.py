@@ -41,7 +41,7 @@ def distill_config(arg: str | None = None) -> ml_collections.ConfigDict:
         mse_weight=0.0, lpips_weight=0.0,
         # ... and against the image itself. Measured on the set-up demo's teacher (README
         # "Decoding in one step"): the image alone beat the teacher's target and the two
-        # together, at 2.5x less time per step (the teacher is not run); not measured at
+        # together, at half the time per step (the teacher is not run); not measured at
         # paper scale, where SSDD's mse_weight=1, lpips_weight=0.5 is the alternative.
         gt_mse_weight=1.0, gt_lpips_weight=0.5)
     c.diffusion.update(sample_steps=1, sampler="euler", spacing="uniform")
