@@ -63,8 +63,8 @@ class DistillationTask(AutoencoderTask):
         _, saved = runs.saved_config(d.teacher, d.teacher_step, "distill.teacher_step")
         for key, value in user_set.items():
             if key.split(".")[0] in FROM_TEACHER_FIXED:
-                theirs = _plain(saved)
-                for part in key.split("."):
+                theirs = _plain(saved[key.split(".")[0]])
+                for part in key.split(".")[1:]:
                     theirs = theirs.get(part) if isinstance(theirs, dict) else None
                 if _plain(value) != theirs:
                     raise ConfigError(f"{key}={value!r}, but distill.teacher={d.teacher!r} was "
