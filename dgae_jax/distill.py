@@ -67,14 +67,13 @@ class Distillation:
         x = batch["image"].astype(jnp.float32)
         z = ae.encode(self.teacher, x).mean
         noise = jax.random.normal(rng, x.shape)
-        references = {"gt_": (x, d.gt_mse_weight, d.gt_lpips_weight)}
+        references, metrics = {"gt_": (x, d.gt_mse_weight, d.gt_lpips_weight)}, {}
         if d.mse_weight > 0 or d.lpips_weight > 0:
             target = self.target(z, noise)
             references[""] = (target, d.mse_weight, d.lpips_weight)
-        student = self.student(params)
-        loss, metrics = jnp.zeros(()), {}
-        if "" in references:
             metrics["teacher_gt_mse"] = jnp.mean((target - x) ** 2)
+        student = self.student(params)
+        loss = jnp.zeros(())
         for k in d.student_steps:
             out = ae.decode_from_noise(student, z, noise, k)
             for prefix, (reference, mse_weight, lpips_weight) in references.items():

@@ -1,7 +1,7 @@
 """The config of a 1-2 step student of any trained DGAE run (`configs/distill.py`).
 
 The student's networks, image size, data and LPIPS net are the teacher's: this builder leaves
-them at placeholder values (the f16 autoencoder's) that `tasks/distill.from_teacher` replaces
+them at placeholder values (the f16 autoencoder's) that `DistillationTask.complete_config` (tasks/distill.py) replaces
 with the teacher run's saved config once `distill.teacher` is known, before validation. What this
 builder sets is the recipe: the schedule, optimiser, batch, the `distill` section, the student's
 decode setting and the sweep grid.
@@ -23,10 +23,10 @@ def distill_config(arg: str | None = None) -> ml_collections.ConfigDict:
     measured on the set-up demo's teacher, README "Decoding in one step")."""
     demo = "demo" in parse_variants(arg, VARIANTS)
     # Sections other than the recipe's: the autoencoder's (demo-sized for the demo), and the
-    # teacher's once from_teacher has run.
+    # teacher's once complete_config has run.
     c = autoencoder_config(16, "demo" if demo else None)
     c.task = "distill"
-    c.name = "student"  # from_teacher: '<teacher's name>-student'
+    c.name = "student"  # complete_config: '<teacher's name>-student'
     # Gap-fills: SSDD does not state a schedule we could copy at this scale.
     c.total_steps = 50_000
     c.eval_every = 5_000
