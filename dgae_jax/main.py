@@ -42,14 +42,17 @@ def run(config, mode: str, workdir: str | None, user_set: dict | None = None) ->
     the distributed runtime up), validates the result, then runs the mode. `user_set`: the fields
     given on the command line (flat 'a.b' -> value)."""
     validation.validate(config, mode, workdir=workdir)  # no device, file or network work yet
-    device_count = process_count = None
-    if mode != "summary":  # summary is abstract: one local device, no cluster
+    spec, devices = modes.MODES[mode], None
+    if spec.target is not None:  # compiles for devices it does not run on
+        devices = spec.target(config)
+    elif spec.cluster:
         parallel.initialize_distributed()
         import jax
-        device_count, process_count = jax.device_count(), jax.process_count()
+        devices = jax.devices()
     registry.task_class(config).complete_config(config, user_set or {})
-    validation.validate(config, mode, workdir=workdir, device_count=device_count,
-                        process_count=process_count or 1)
+    validation.validate(config, mode, workdir=workdir,
+                        device_count=len(devices) if devices else None,
+                        process_count=len({d.process_index for d in devices}) if devices else 1)
     if modes.MODES[mode].workdir:  # the modes that write TensorBoard files
         hide_accelerators_from_tensorflow()
     return modes.run(config, mode, workdir)

@@ -160,6 +160,12 @@ def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def abstract(tree, sharding):
+    """ShapeDtypeStructs of a tree's arrays, every one placed by `sharding`: arguments to lower a
+    function for a mesh without allocating (`--mode=compile`)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+
+
 def global_batch(local_batch: dict, mesh) -> dict:
     """Per-process numpy batch -> global arrays split over the batch axes of the mesh. Text
     fields (such as the paths of replaced images) are host metadata and stay behind."""

@@ -10,6 +10,10 @@ import os
 import tempfile
 
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="dgae_jax_jit_"))
+# libtpu (the [tpu] extra) is for compiling to TPU topologies: tests run on the CPU backend, and
+# may compile beside another process that has libtpu loaded.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 

@@ -27,6 +27,10 @@ def run_fields(c: ml_collections.ConfigDict) -> None:
     c.checkpoint_keep = 3  # the latest N ...
     c.profile_steps = ()  # (start, end): a jax.profiler trace of those steps in <workdir>/profile
     c.benchmark = default_benchmark_config()
+    # --mode=compile (modes/compile_tpu.py): a Cloud TPU accelerator type (v5p-32, v5litepod-16,
+    # v6e-16, ...) or a libtpu topology (v5e:4x4), num_slices of it (multislice: mesh.dcn_data),
+    # and the executables compiled, comma-separated ("" = all the config has).
+    c.compile = dict(topology="", num_slices=1, executables="")
     c.max_nonfinite_steps = 20  # non-finite steps in a row (each skipped) before the run stops
     c.restore_fallback = True  # a corrupt checkpoint: resume from the newest intact one
     # -1: all remaining devices; dcn_data: slices the data axis spans (multislice), fsdp stays

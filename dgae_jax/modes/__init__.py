@@ -6,6 +6,8 @@
     cache_latents  (autoencoder) encode the data once into cache.dir
     summary        parameter table, latent shape and train-step FLOPs, without allocating
     benchmark      time the train step and the task's inference components, synthetic inputs
+    compile        compile the train, evaluation and cache steps for a TPU slice (libtpu), with
+                   per-chip memory, FLOPs and roofline, nothing allocated
     sweep          (autoencoder, distill) eval's metrics at every decode setting of a grid
     reconstruct    (autoencoder, distill) reconstructions and metrics of your images
     export         (autoencoder, distill) an inference bundle, or diffusers' AutoencoderKL
@@ -19,8 +21,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from dgae_jax.modes import (benchmark, cache_latents, evaluate, export, reconstruct, sample,
-                            summary, sweep, train)
+from dgae_jax.modes import (benchmark, cache_latents, compile_tpu, evaluate, export, reconstruct,
+                            sample, summary, sweep, train)
 from dgae_jax.modes.base import Mode
 from dgae_jax.tasks import registry
 from dgae_jax.tasks.base import Task
@@ -28,7 +30,8 @@ from dgae_jax.tasks.base import Task
 MODES: dict[str, Mode] = {
     "train": train.MODE, "eval": evaluate.MODE, "sample": sample.MODE,
     "cache_latents": cache_latents.MODE, "summary": summary.MODE, "benchmark": benchmark.MODE,
-    "sweep": sweep.MODE, "reconstruct": reconstruct.MODE, "export": export.MODE}
+    "compile": compile_tpu.MODE, "sweep": sweep.MODE, "reconstruct": reconstruct.MODE,
+    "export": export.MODE}
 
 
 def run(config: ml_collections.ConfigDict, name: str, workdir: str | None = None,

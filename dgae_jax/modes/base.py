@@ -22,8 +22,10 @@ class Mode:
 
     `run` takes the config, then the workdir if `workdir`, then the task built for this mode if
     `uses_task`, and returns a JSON-able record (None for train). `check(config, device_count)`
-    judges the config section the mode owns; `device_count` is None until the distributed
-    runtime is up.
+    judges the config section the mode owns; `device_count` is None until the devices are
+    known: the job's, once the distributed runtime is up, or those of `target(config)`, a mode
+    that compiles for devices it does not run on. A mode with neither `cluster` nor `target`
+    works on one local device, abstractly.
     """
 
     run: Callable
@@ -32,6 +34,8 @@ class Mode:
     uses_task: bool = True
     one_process: bool = False  # per-image work, files written by the one process
     check: Callable | None = None
+    cluster: bool = True  # joins the multi-process job (and is validated against its devices)
+    target: Callable | None = None  # config -> the devices it compiles for (compile: a TPU slice)
 
 
 def restored_run(config: ml_collections.ConfigDict, workdir: str, task: Task,

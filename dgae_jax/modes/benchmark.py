@@ -11,7 +11,7 @@ components (`Task.benchmark_names`):
     distill        none: the student's inference is the autoencoder's
 
 Each reports compile time, time per call, images/s, XLA's FLOP count of the call, TFLOP/s per
-device, MFU against the device's dense bf16 peak (PEAK_BF16_TFLOPS; none on CPU), XLA's memory
+device, MFU against the device's dense bf16 peak (chips.py; none on CPU), XLA's memory
 analysis of the compiled call and the device's peak memory so far. Synthetic data keeps the
 input pipeline out of the measurement; the trainer's logged throughput includes it.
 """
@@ -27,22 +27,11 @@ import numpy as np
 from absl import logging
 
 from dgae_jax import checks, parallel
+from dgae_jax.chips import peak_tflops
 from dgae_jax.costs import GIB, hlo_flops
 from dgae_jax.errors import ConfigError
 from dgae_jax.modes.base import ALL_TASKS, Mode
 from dgae_jax.steps import build_steps, compile_train_step, describe_compiled
-
-# Dense bf16 peak TFLOP/s per chip (vendor data sheets; H100/H200 SXM without sparsity). The
-# first key found in jax's device_kind wins, so the more specific names come first.
-PEAK_BF16_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "TPU v4": 275, "TPU v5 lite": 197,
-                    "TPU v5e": 197, "TPU v5p": 459, "TPU v5": 459, "TPU v6 lite": 918,
-                    "TPU v6e": 918}
-
-
-def peak_tflops(device_kind: str) -> float | None:
-    """The dense bf16 peak of a device kind, or None (CPUs and unlisted accelerators)."""
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_kind), None)
-
 
 def synthetic_batch(config: ml_collections.ConfigDict, task, mesh) -> dict:
     """Random data of the task's batch layout: uint8 pixels, normal floats, zero labels."""

@@ -62,4 +62,4 @@ def summarize(config: ml_collections.ConfigDict, task) -> dict:
     return record
 
 
-MODE = Mode(summarize, ALL_TASKS, workdir=False)
+MODE = Mode(summarize, ALL_TASKS, workdir=False, cluster=False)

@@ -8,6 +8,7 @@ settings `--mode=sweep` evaluates, and how a trained run loads for inference.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -24,7 +25,7 @@ from dgae_jax.data import bad_images, pipeline, sources
 from dgae_jax.metrics import inception_convert, lpips
 from dgae_jax.models.unet import ADM_CHANNEL_MULT, REMAT
 from dgae_jax.costs import hlo_flops
-from dgae_jax.tasks.ae_eval import AutoencoderEvaluator
+from dgae_jax.tasks.ae_eval import AutoencoderEvaluator, eval_step
 from dgae_jax.tasks.base import Run
 
 EVALUATING_MODES = ("train", "eval", "sweep")  # the modes that load the FID Inception for rFID
@@ -133,6 +134,11 @@ class AutoencoderTask:
                 for sampler in e.sweep_samplers for spacing in e.sweep_spacings
                 for n in e.sweep_steps]
 
+    def executables(self, mesh: jax.sharding.Mesh, params) -> dict:
+        """The evaluation's reconstruction step (decode at the config's setting, PSNR, SSIM,
+        LPIPS) on one global batch."""
+        return eval_executable(self.config, self.model, mesh, params)
+
     # ----------------------------------------------------------------------------- benchmark
     def benchmark_names(self) -> tuple[str, ...]:
         """encoder, then (DGAE) one U-Net forward and whole decodes of benchmark.decode_steps
@@ -166,6 +172,16 @@ class AutoencoderTask:
             out["conv_decoder"] = (lambda p, z, k: conv.decode(p, z, k), (conv_params, z, key),
                                    None)
         return {name: out[name] for name in names}
+
+
+def eval_executable(config, model: Autoencoder, mesh: jax.sharding.Mesh, params) -> dict:
+    """{'eval_step': lowers `ae_eval.eval_step` of `model` for one global batch on `mesh`}."""
+    size, repl = config.image_size, parallel.replicated(mesh)
+    batch = {"image": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.uint8,
+                                           sharding=parallel.batch_sharding(mesh))}
+    rng = parallel.abstract(jax.eval_shape(jax.random.key, 0), repl)
+    return {"eval_step": functools.partial(eval_step.lower, parallel.abstract(model, repl),
+                                           params, batch, rng)}
 
 
 # ------------------------------------------------------------------------------- config checks

@@ -8,6 +8,7 @@ decode settings other than the config's.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -29,8 +30,8 @@ class AutoencoderEvaluator:
     """PSNR / SSIM / LPIPS / rFID of EMA reconstructions over the whole evaluation set; built once
     per run (the jitted reconstruction step and the Inception network on the run's mesh).
 
-    The reconstruction step is one `jax.jit` with the decode settings (steps, sampler, spacing)
-    as static arguments, made here once: it compiles once per setting (the first batch of an
+    The reconstruction step is `eval_step`, one `jax.jit` with the decode settings (steps,
+    sampler, spacing) as static arguments: it compiles once per setting (the first batch of an
     evaluation at a new setting), and later evaluations at a setting already seen reuse it.
     """
 
@@ -38,7 +39,6 @@ class AutoencoderEvaluator:
         self.config, self.run = config, run
         self.inception = (None if inception_weights is None
                           else InceptionFeatures(run.mesh, inception_weights))
-        self._step = jax.jit(_eval_step, static_argnames=("steps", "sampler", "spacing"))
         self.num_images = pipeline.eval_size(config, sources.make_source(config, "eval"))
 
     def evaluate(self, params, step: int, *, steps: int | None = None, sampler: str | None = None,
@@ -66,7 +66,7 @@ class AutoencoderEvaluator:
             batch = parallel.global_batch(local, run.mesh)
             rng = jax.random.fold_in(jax.random.key(config.seed), i)
             start = time.perf_counter()
-            recon, values = self._step(run.model, params, batch, rng, **decode)
+            recon, values = eval_step(run.model, params, batch, rng, **decode)
             if timed:
                 jax.block_until_ready((recon, values))
                 if i > 0:
@@ -122,8 +122,9 @@ def _real_examples(per_image: list) -> dict[str, np.ndarray]:
     return {k: np.concatenate([v[k] for v, _ in gathered])[real] for k in gathered[0][0]}
 
 
-def _eval_step(model: Autoencoder, params, batch: dict, rng: jax.Array,
-               steps: int | None = None, sampler: str | None = None, spacing: str | None = None):
+@functools.partial(jax.jit, static_argnames=("steps", "sampler", "spacing"))
+def eval_step(model: Autoencoder, params, batch: dict, rng: jax.Array,
+              steps: int | None = None, sampler: str | None = None, spacing: str | None = None):
     """Reconstructs a batch; returns it (uint8) with its per-image metrics. The decode settings
     are static under jit (None: the config's; the conv decoder ignores them)."""
     x = pixels.to_signed(batch["image"])

@@ -109,6 +109,11 @@ class Task(Protocol):
 
     def evaluator(self, run: Run) -> Evaluator: ...
 
+    def executables(self, mesh: jax.sharding.Mesh, params) -> dict[str, Callable]:
+        """name -> a function that lowers, for `mesh` and the config's batch size, what a run
+        of this task compiles besides the train step (its evaluation's step), from abstract
+        `params` placed as the trainer places them: what `--mode=compile` compiles."""
+
     def benchmark_names(self) -> tuple[str, ...]:
         """The inference components `--mode=benchmark` can time besides the train step."""
 

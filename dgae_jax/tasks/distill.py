@@ -25,7 +25,7 @@ from dgae_jax.checks import require
 from dgae_jax.distill import Distillation
 from dgae_jax.errors import ConfigError
 from dgae_jax.metrics import lpips
-from dgae_jax.tasks.ae import AutoencoderTask
+from dgae_jax.tasks.ae import AutoencoderTask, eval_executable
 from dgae_jax.tasks.ae_eval import AutoencoderEvaluator
 from dgae_jax.tasks.base import Run
 
@@ -120,6 +120,12 @@ class DistillationTask(AutoencoderTask):
         return [dict(s, decoder="student") for s in super().sweep_settings()] + [
             {"steps": int(n), "sampler": d.teacher_sampler, "spacing": d.teacher_spacing,
              "decoder": "teacher"} for n in e.sweep_teacher_steps]
+
+    def executables(self, mesh: jax.sharding.Mesh, params) -> dict:
+        """The autoencoder's evaluation step, decoding with the student."""
+        teacher = parallel.abstract(self.model.teacher, parallel.replicated(mesh))
+        student = dataclasses.replace(self.model, teacher=teacher).student(params)
+        return eval_executable(self.config, self.model.autoencoder, mesh, student)
 
     def benchmark_names(self) -> tuple[str, ...]:
         return ()  # the train step only: the student's inference is the autoencoder's

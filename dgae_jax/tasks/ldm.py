@@ -34,7 +34,8 @@ from dgae_jax.tasks.base import Run
 from dgae_jax.tasks.trained import load_autoencoder
 
 LATENT_MODES = ("sample", "mean")  # cache.latent: train on posterior samples or means
-ABSTRACT_MODES = ("summary", "benchmark")  # built from the config alone: no cache is opened
+# Built from the config alone: no cache is opened.
+ABSTRACT_MODES = ("summary", "benchmark", "compile")
 EVALUATING_MODES = ("train", "eval")  # the modes that load the FID Inception for gFID
 
 
@@ -61,7 +62,7 @@ def student_config(workdir: str, cache_checkpoint: dict) -> ml_collections.Confi
 
 class LatentDiffusionTask:
     def __init__(self, config: ml_collections.ConfigDict, mode: str = "train"):
-        """summary and benchmark build the model from config alone; the other modes open the
+        """summary, benchmark and compile build the model from config alone; the others open the
         latent cache, and those that evaluate load the FID Inception."""
         self.config = config
         self.model = LatentDiffusion.from_config(config)
@@ -159,6 +160,17 @@ class LatentDiffusionTask:
 
     def evaluator(self, run: Run) -> "LatentDiffusionEvaluator":
         return LatentDiffusionEvaluator(self.config, run, self.cache, self.inception_weights)
+
+    def executables(self, mesh: jax.sharding.Mesh, params) -> dict:
+        """The DiT's sampler (diffusion.sample_steps, the configured guidance) on one global
+        batch of labels, as evaluation and --mode=sample run it before the autoencoder decodes
+        (its decode is the eval_step of the autoencoder's own config)."""
+        repl, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+        labels = jax.ShapeDtypeStruct((self.config.batch_size,), jnp.int32, sharding=batch)
+        rng = parallel.abstract(jax.eval_shape(jax.random.key, 0), repl)
+        sample = jax.jit(lambda ldm, p, y, r: ldm.sample(p, y, r), out_shardings=batch)
+        return {"eval_step": functools.partial(sample.lower, parallel.abstract(self.model, repl),
+                                               params, labels, rng)}
 
     def benchmark_names(self) -> tuple[str, ...]:
         return ("dit",)  # one DiT forward
