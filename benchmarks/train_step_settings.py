@@ -9,7 +9,7 @@ throughput at the same size. On an accelerator, run it as one prepared job:
     python benchmarks/train_step_settings.py --config=configs/f16.py:demo --batch=8  # CPU check
 
 The settings are TPU-friendly except 'cudnn' (NVIDIA only); the xla_gpu_* flags are parsed but
-ignored elsewhere. MFU is against the dense bf16 peak of the device (dgae_jax/modes/benchmark.py).
+ignored elsewhere. MFU is against the dense bf16 peak of the device (dgae_jax/chips.py).
 """
 
 from __future__ import annotations
