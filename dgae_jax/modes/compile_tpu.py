@@ -12,10 +12,11 @@ allocating or running anything:
 
 Per executable: XLA's per-chip memory (arguments, outputs, aliased, temporaries, code) against
 the chip's HBM, whether it fits (XLA's TPU compiler refuses a program that does not) and if not
-what to change; XLA's per-chip FLOPs and HBM bytes accessed and the roofline bound they give,
-max(FLOPs / peak, bytes / bandwidth) (chips.py): a lower bound on the time and an upper bound on
-the MFU, since collectives over ICI/DCN and the input pipeline are not in it; the compile time.
-XLA counts a loop's body once: a decode's figures are those of one flow step.
+what to change; XLA's per-chip FLOPs and bytes accessed (what each fused operation reads and
+writes: its estimate of HBM traffic) and the roofline they give, max(FLOPs / peak, bytes /
+bandwidth) (chips.py): an estimate of the least step time and the most MFU, as collectives over
+ICI/DCN and the input pipeline are not in it; the compile time. XLA counts a loop's body once:
+a decode's figures are those of one flow step.
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ def compile_for_topology(config: ml_collections.ConfigDict, task) -> dict:
     if unknown:
         raise ConfigError(f"compile.executables: {', '.join(unknown)} not in this config's "
                           f"executables ({', '.join(lowerers)})")
-    logging.info("compile: %s (%s, %d chips of %s) as mesh %s", c.topology,
+    logging.info("compile: %s%s (%s, %d chips of %s) as mesh %s", c.topology,
+                 f" x {c.num_slices} slices" if c.num_slices > 1 else "",
                  chips.tpu_topology(c.topology)[0], len(devices), chip.name, dict(mesh.shape))
     results = {}
     for name in wanted or lowerers:
