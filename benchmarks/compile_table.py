@@ -61,8 +61,9 @@ def compile_one(row: str, topology: str, overrides: dict, executables: str) -> d
 
 def table(entries: list[dict]) -> str:
     lines = ["| config | slice | setting | batch / chip | fits | GiB per chip (of HBM) | "
-             "TFLOP / step | roofline ms | MFU bound | compile s |",
-             "|---|---|---|---:|---|---:|---:|---:|---:|---:|"]
+             "TFLOP / step | compute ms | GB accessed / chip | memory ms | roofline MFU | "
+             "compile s |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for e in entries:
         r = e["record"]
         step = r["executables"]["train_step"]
@@ -71,11 +72,12 @@ def table(entries: list[dict]) -> str:
         if step["fits"]:
             memory = f"{step['needed_gib']:.1f} ({r['hbm_gib']:.0f})"
             cost = (f"{step['flops_per_chip'] * r['chips'] / 1e12:.0f} | "
-                    f"{step['roofline_ms']:.0f} ({step['bound']}) | "
-                    f"{100 * step['mfu_bound']:.0f}%")
+                    f"{step['compute_ms']:.0f} | {step['bytes_per_chip'] / 1e9:.0f} | "
+                    f"{step['memory_ms']:.0f} | {100 * step['mfu_bound']:.0f}%")
         else:
-            memory = f"temporaries {step.get('temp_gib', '?')} ({step.get('available_gib', '?')})"
-            cost = "| |"
+            memory = (f"temporaries {step.get('temp_gib', '?')} "
+                      f"(of {step.get('available_gib', '?')})")
+            cost = "| | | |"
         lines.append(f"| {ROWS[e['row']][1]} | {r['topology']} | {setting} | {per_chip} | "
                      f"{'yes' if step['fits'] else 'no'} | {memory} | {cost} | "
                      f"{step['compile_s']:.0f} |")
