@@ -93,6 +93,11 @@ def test_a_program_larger_than_hbm_is_reported_with_what_it_needs():
     record = compile_tpu.analyse(lambda: big.lower(x), chips.chip(devices[0].device_kind))
     assert not record["fits"] and record["error"].startswith("RESOURCE_EXHAUSTED")
     assert record["temp_gib"] > record["available_gib"] and 15 < record["available_gib"] <= 16
+    chip = chips.chip("TPU v5 lite")  # compiled, but arguments + temporaries + code > HBM
+    assert compile_tpu.judge({"needed_gib": 16.5, "temp_gib": 13.8}, chip) == {
+        "fits": False, "available_gib": pytest.approx(13.3),
+        "error": "needs 16.50 GiB per chip (temporaries 13.80, the rest 2.70) of TPU v5e's 16 GiB"}
+    assert compile_tpu.judge({"needed_gib": 15.9, "temp_gib": 13.8}, chip) == {"fits": True}
     cfg = tiny()
     cfg.batch_size = 64  # 16 images per chip
     advice = compile_tpu.advice(cfg, {"temp_gib": 40.0, "available_gib": 16.0}, 4)

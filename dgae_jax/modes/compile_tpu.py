@@ -11,8 +11,8 @@ allocating or running anything:
     cache_encode  (autoencoders) the latent cache job's encoder, at cache.batch_size
 
 Per executable: XLA's per-chip memory (arguments, outputs, aliased, temporaries, code) against
-the chip's HBM, whether it fits (XLA's TPU compiler refuses a program that does not) and if not
-what to change; XLA's per-chip FLOPs and bytes accessed (what each fused operation reads and
+the chip's HBM, whether it fits (XLA's TPU compiler refuses temporaries larger than HBM; the rest
+is added here) and if not what to change; XLA's per-chip FLOPs and bytes accessed (what each fused operation reads and
 writes: its estimate of HBM traffic) and the roofline they give, max(FLOPs / peak, bytes /
 bandwidth) (chips.py): an estimate of the least step time and the most MFU, as collectives over
 ICI/DCN and the input pipeline are not in it; the compile time. XLA counts a loop's body once:
@@ -93,7 +93,7 @@ def analyse(lower, chip: chips.Chip) -> dict:
         if found := _OUT_OF_HBM.search(str(e)):
             record.update(temp_gib=float(found[1]), available_gib=float(found[2]))
         return record
-    record = {"compile_s": time.perf_counter() - start, "fits": True}
+    record = {"compile_s": time.perf_counter() - start}
     m = compiled.memory_analysis()
     sizes = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
              "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes,
@@ -101,6 +101,7 @@ def analyse(lower, chip: chips.Chip) -> dict:
     sizes["needed"] = (sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"]
                        + sizes["code"])
     record.update({f"{k}_gib": v / GIB for k, v in sizes.items()})
+    record.update(judge(record, chip))
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops, accessed = float(cost["flops"]), float(cost["bytes accessed"])
@@ -114,13 +115,26 @@ def analyse(lower, chip: chips.Chip) -> dict:
     return record
 
 
+def judge(record: dict, chip: chips.Chip) -> dict:
+    """Whether a compiled executable fits: XLA:TPU refuses only temporaries larger than HBM, so
+    arguments, outputs and code are added here and the whole set against the chip's HBM. For one
+    that does not fit, what its temporaries could have: HBM less the rest."""
+    if record["needed_gib"] <= chip.hbm_bytes / GIB:
+        return {"fits": True}
+    rest = record["needed_gib"] - record["temp_gib"]
+    return {"fits": False, "available_gib": chip.hbm_bytes / GIB - rest,
+            "error": f"needs {record['needed_gib']:.2f} GiB per chip (temporaries "
+                     f"{record['temp_gib']:.2f}, the rest {rest:.2f}) of {chip.name}'s "
+                     f"{chip.hbm_bytes / GIB:.0f} GiB"}
+
+
 def advice(config: ml_collections.ConfigDict, record: dict, chips_in_mesh: int) -> str:
     """One line naming what would fit, for an executable that does not: the temporaries scale
     with the batch per chip, the parameters' and optimiser's share with 1 / mesh.fsdp."""
     per_chip = config.batch_size // chips_in_mesh
     options = []
     if "temp_gib" in record and per_chip > 1:
-        fit = math.floor(per_chip * record["available_gib"] / record["temp_gib"])
+        fit = math.floor(per_chip * max(record["available_gib"], 0) / record["temp_gib"])
         if 0 < fit < per_chip:
             options.append(f"about {fit} images per chip instead of {per_chip} "
                            f"(--config.batch_size={fit * chips_in_mesh})")
@@ -166,7 +180,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, task) -> dict:
 def _brief(record: dict, chip: chips.Chip) -> str:
     if not record["fits"]:
         return f"does not fit ({record['error']}); {record['advice']}"
-    return (f"compiled in {record['compile_s']:.0f} s; needs {record['needed_gib']:.2f} of "
+    return (f"fits, compiled in {record['compile_s']:.0f} s; needs {record['needed_gib']:.2f} of "
             f"{chip.hbm_bytes / GIB:.0f} GiB per chip (temporaries {record['temp_gib']:.2f}); "
             f"{record['flops_per_chip'] / 1e12:.2f} TFLOP and "
             f"{record['bytes_per_chip'] / 1e9:.1f} GB per chip: at least "
