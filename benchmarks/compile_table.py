@@ -69,14 +69,14 @@ def table(entries: list[dict]) -> str:
         step = r["executables"]["train_step"]
         setting = ", ".join(f"{k}={v}" for k, v in e["overrides"].items()) or "default"
         per_chip = r["batch_size"] // r["chips"]
-        if step["fits"]:
+        if "needed_gib" in step:  # compiled (it may still not fit)
             memory = f"{step['needed_gib']:.1f} ({r['hbm_gib']:.0f})"
             cost = (f"{step['flops_per_chip'] * r['chips'] / 1e12:.0f} | "
                     f"{step['compute_ms']:.0f} | {step['bytes_per_chip'] / 1e9:.0f} | "
                     f"{step['memory_ms']:.0f} | {100 * step['mfu_bound']:.0f}%")
-        else:
-            memory = (f"temporaries {step.get('temp_gib', '?')} "
-                      f"(of {step.get('available_gib', '?')})")
+        else:  # refused by XLA: its figures for the temporaries
+            memory = (f"temporaries {step['temp_gib']:.1f} (of {step['available_gib']:.1f} "
+                      "available)")
             cost = "| | | |"
         lines.append(f"| {ROWS[e['row']][1]} | {r['topology']} | {setting} | {per_chip} | "
                      f"{'yes' if step['fits'] else 'no'} | {memory} | {cost} | "
