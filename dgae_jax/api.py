@@ -5,6 +5,7 @@
     z = ae.encode(images)             # (N, H/f, W/f, c) float32 posterior means
     x = ae.decode(z, steps=10)        # (N, H, W, 3) uint8
     r = ae.reconstruct(images)        # decode(encode(images))
+    x = ae.decode(sd_latents, scaled=True)   # latents in SD's scaled convention (raw x 0.18215)
 
 Images are uint8 (H, W, 3) or (N, H, W, 3) numpy arrays, PIL images, float arrays in [-1, 1], or
 a list of any of these, of any size: each is processed at its own size, an output pixel at its
@@ -108,30 +109,55 @@ class TrainedAutoencoder:
         return self.model.latent_shape
 
     @property
+    def scaling_factor(self) -> float | None:
+        """SD's latent scale (model.scaling_factor): `scaled=True` latents are the raw ones
+        times it; None where the run has none."""
+        return self.config.model.get("scaling_factor")
+
+    def _scale(self, scaled: bool) -> float:
+        if not scaled:
+            return 1.0
+        if self.scaling_factor is None:
+            raise ValueError("scaled=True, but this run has no model.scaling_factor (set it "
+                             "when training, or give raw latents)")
+        return self.scaling_factor
+
+    @property
     def size_multiple(self) -> int:
         """What image sides are padded to a multiple of, and tile sides must be a multiple of."""
         return size_multiple(self.config)
 
     # ----------------------------------------------------------------------------- work
-    def encode(self, images, *, sample: bool = False, seed: int = 0, tile: int | None = None):
+    def encode(self, images, *, sample: bool = False, seed: int = 0, tile: int | None = None,
+               scaled: bool = False):
         """Latents (N, ceil(H/f), ceil(W/f), c) float32: the posterior means, or with `sample`
-        draws mean + std * n with image i's n from fold_in(key(seed), i). `tile`: None tiles
-        images larger than the training size, 0 never, N with N-pixel tiles."""
-        f = self.config.model.spatial_factor
+        draws mean + std * n with image i's n from fold_in(key(seed), i); with `scaled`, times
+        `scaling_factor` (SD's convention). `tile`: None tiles images larger than the training
+        size, 0 never, N with N-pixel tiles."""
+        f, scale = self.config.model.spatial_factor, self._scale(scaled)
         items = self.prepare(images)
-        return self._work(
+        latents = self._work(
             items, self._tiles(items, tile, 1), "encode", f, 1 / f,
             lambda x, i: self._encode(self.model, self.params, x, i, seed, sample=sample),
             lambda x, i, t: self._encode_tiled(x, i, t, seed, sample))
+        if scale == 1.0:
+            return latents
+        if isinstance(latents, list):
+            return [z * np.float32(scale) for z in latents]
+        return latents * np.float32(scale)
 
     def decode(self, latents, *, steps: int | None = None, sampler: str | None = None,
-               spacing: str | None = None, seed: int = 0, tile: int | None = None):
+               spacing: str | None = None, seed: int = 0, tile: int | None = None,
+               scaled: bool = False):
         """uint8 images (N, h*f, w*f, 3) of latents (N, h, w, c) or (h, w, c) or a list.
-        `steps`, `sampler`, `spacing` default to config.diffusion (DGAE only); `tile` as in
-        `encode`, in pixels of the image."""
+        `scaled`: the latents are in SD's scaled convention (raw times `scaling_factor`, as an
+        SD pipeline's), divided by it first. `steps`, `sampler`, `spacing` default to
+        config.diffusion (DGAE only); `tile` as in `encode`, in pixels of the image."""
         kw = self.model.decode_settings(steps, sampler, spacing)
-        f = self.config.model.spatial_factor
+        f, scale = self.config.model.spatial_factor, self._scale(scaled)
         items = self._latents(latents)
+        if scale != 1.0:
+            items = [z / np.float32(scale) for z in items]
         return self._work(
             items, self._tiles(items, tile, f), "decode", self.size_multiple // f, f,
             lambda z, i: self._decode(self.model, self.params, z, i, seed, **kw),

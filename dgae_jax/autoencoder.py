@@ -126,6 +126,11 @@ class Autoencoder:
         return ("encoder", "decoder") + (("discriminator",) if gan else ())
 
     @property
+    def frozen_encoder(self) -> bool:
+        """Whether the encoder is pretrained and never trains (init.freeze_encoder)."""
+        return bool(self.config.get("init", {}).get("freeze_encoder", False))
+
+    @property
     def latent_shape(self) -> tuple[int, int, int]:
         m = self.config.model
         return (self.config.image_size // m.spatial_factor,) * 2 + (m.latent_channels,)
@@ -211,6 +216,8 @@ class Autoencoder:
         """Total loss and every term separately. `step` gates the conv baseline's GAN.
 
         `rng` splits into three keys: the posterior sample, the diffusion time, the noise.
+        The decoder sees a posterior sample or its mean (loss.latents). With a frozen encoder
+        the KL term, which only trains the encoder, is reported but not added.
 
         The reconstruction terms are means over pixels; SD-VAE (CompVis LPIPSWithDiscriminator)
         sums them over the 3*H*W values of each image and adds `kl_weight` x the per-image KL
@@ -220,13 +227,15 @@ class Autoencoder:
         x = batch["image"].astype(jnp.float32)
         rng_z, rng_t, rng_eps = jax.random.split(rng, 3)
         posterior = self.encode(params, x)
-        z = posterior.sample(rng_z)
+        z = (posterior.mean if self.config.loss.get("latents", "sample") == "mean"
+             else posterior.sample(rng_z))
         kl = jnp.mean(posterior.kl())
         if self.config.model.decoder == "diffusion":
             loss, metrics = self._diffusion_terms(params, x, z, rng_t, rng_eps)
         else:
             loss, metrics = self._conv_terms(params, x, z, step)
-        loss = loss + self.config.loss.kl_weight * kl / _values_per_image(x)
+        if not self.frozen_encoder:
+            loss = loss + self.config.loss.kl_weight * kl / _values_per_image(x)
         return loss, {"loss": loss, "kl": kl, **metrics}
 
     def _diffusion_terms(self, params, x, z, rng_t, rng_eps):

@@ -16,7 +16,9 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from dgae_jax import checkpoint, parallel
 from dgae_jax.errors import ConfigError
@@ -89,3 +91,10 @@ def restore_ema(config: ml_collections.ConfigDict, workdir: str, init_params: Ca
             step, ema = ckpt.restore_ema(abstract, step)
     logging.info("restored the EMA parameters of step %d from %s", step, ckpt.directory)
     return step, ema
+
+
+def to_host(tree) -> Any:
+    """`tree` (restored arrays, sharded over any mesh) as numpy arrays on every process."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, jax.device_get(tree))
+    return multihost_utils.process_allgather(tree, tiled=True)

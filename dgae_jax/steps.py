@@ -10,6 +10,9 @@ Train state (a plain dict, what Orbax saves):
     params     float32 parameters
     opt_state  optax state
     ema        exponential moving average of params (used for evaluation and sampling)
+               A task's `frozen` modules (e.g. a pretrained encoder under a decoder that trains
+               on its latents) are in params and ema, identical, and never change: they get
+               no gradient, no optimiser state and no EMA update, and are saved as they were.
     rng        uint32 key data; the step key is fold_in(rng, step), so a resumed run draws the
                same randomness as an uninterrupted one
     nonfinite  int32 scalar, how many steps in a row up to now had a non-finite loss or
@@ -37,11 +40,17 @@ from dgae_jax.tasks.base import Task
 State = dict[str, Any]
 
 
+def trainable(task: Task, params: dict) -> dict:
+    """The modules of `params` that train: all but the task's `frozen` ones."""
+    return {k: v for k, v in params.items() if k not in task.frozen}
+
+
 def make_init(task: Task, tx: optax.GradientTransformation) -> Callable:
     def init(model, rng: jax.Array) -> State:
         rng_params, rng_train = jax.random.split(rng)
         params = task.init_params(model, rng_params)
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+        return {"step": jnp.zeros((), jnp.int32), "params": params,
+                "opt_state": tx.init(trainable(task, params)),
                 "ema": jax.tree.map(jnp.copy, params), "rng": jax.random.key_data(rng_train),
                 "nonfinite": jnp.zeros((), jnp.int32)}
     return init
@@ -54,21 +63,26 @@ def make_train_step(task: Task, tx: optax.GradientTransformation,
     def train_step(model, state: State, batch: dict) -> tuple[State, dict]:
         step = state["step"]
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+        frozen = {k: v for k, v in state["params"].items() if k in task.frozen}
+        old = trainable(task, state["params"]), trainable(task, state["ema"])
         (loss, metrics), grads = jax.value_and_grad(
-            lambda p: task.loss_fn(model, p, batch, rng, step), has_aux=True)(state["params"])
+            lambda p: task.loss_fn(model, {**frozen, **p}, batch, rng, step),
+            has_aux=True)(old[0])
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        ema = optim.update_ema(state["ema"], params, optim.ema_decay(config, step))
+        updates, opt_state = tx.update(grads, state["opt_state"], old[0])
+        params = optax.apply_updates(old[0], updates)
+        ema = optim.update_ema(old[1], params, optim.ema_decay(config, step))
         # A non-finite loss or gradient leaves the run where it was (selected, not branched:
         # both sides are already computed and the selects fuse into the update).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
-                           (params, opt_state, ema),
-                           (state["params"], state["opt_state"], state["ema"]))
+        params, opt_state, ema = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
+                                              (params, opt_state, ema),
+                                              (old[0], state["opt_state"], old[1]))
         metrics = dict(metrics, grad_norm=grad_norm, learning_rate=schedule(step),
                        nonfinite=(~finite).astype(jnp.float32))
-        return dict(state, step=step + 1, params=new[0], opt_state=new[1], ema=new[2],
+        frozen_ema = {k: v for k, v in state["ema"].items() if k in task.frozen}
+        return dict(state, step=step + 1, params={**frozen, **params}, opt_state=opt_state,
+                    ema={**frozen_ema, **ema},
                     nonfinite=jnp.where(finite, 0, state["nonfinite"] + 1)), metrics
     return train_step
 

@@ -64,6 +64,46 @@ def make_tiny_config(factor=8, decoder="diffusion", *, size=32, c=4, gan=0.0):
     return cfg
 
 
+# A small diffusers AutoencoderKL and our config of its architecture: the demo conv baseline (5
+# levels, widths 32..128) at 32 px, with attention at one level (feature size 16: level 1 of 5,
+# so the decoder's is up_blocks.3 and a reversed level order would show).
+DIFFUSERS_SIZE, DIFFUSERS_ATTN = 32, 16
+
+
+def diffusers_config():
+    cfg = config_lib.autoencoder_config(16, "demo,decoder=conv")
+    cfg.image_size = DIFFUSERS_SIZE
+    cfg.model.dtype = "float32"
+    cfg.model.encoder.attn_resolutions = (DIFFUSERS_ATTN,)
+    cfg.model.conv_decoder.attn_resolutions = (DIFFUSERS_ATTN,)
+    return cfg
+
+
+def random_diffusers_vae(cfg):
+    """A diffusers AutoencoderKL of `cfg`'s architecture with every parameter perturbed, so that
+    norm scales, biases and each conv/linear weight differ from their defaults (needs torch and
+    diffusers, the test extra's)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    enc = cfg.model.encoder
+    attn = [cfg.image_size // 2**i in enc.attn_resolutions for i in range(len(enc.channel_mult))]
+    vae = AutoencoderKL(
+        block_out_channels=[enc.width * m for m in enc.channel_mult],
+        down_block_types=["AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in attn],
+        up_block_types=["AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in attn[::-1]],
+        layers_per_block=enc.num_res_blocks, latent_channels=cfg.model.latent_channels,
+        norm_num_groups=cfg.model.norm_groups, sample_size=cfg.image_size)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in vae.parameters():
+            if p.ndim > 1:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.add_(0.1 * torch.randn_like(p))
+    return vae.eval()
+
+
 # configs/f16.py:demo made tiny; scalars only, so the CLI can pass them as --config.K=V.
 OVERRIDES = {"image_size": 32, "model.encoder.width": 8, "model.unet.width": 8,
              "model.unet.head_channels": 8, "model.conv_decoder.width": 8, "eval.rfid": False,
@@ -99,10 +139,10 @@ def folder_config(root, **kw):
 # ---------------------------------------------------------------------------------- runs
 
 
-def synthetic_state(abstract):
-    """A train state of He-style random weights built in numpy, EMA != params, in the shapes of
-    `abstract`. (Compiling the real init of a whole autoencoder takes about a minute on 2 cores;
-    tests of what reads a checkpoint only need some weights.)"""
+def synthetic_weights(abstract):
+    """He-style random weights built in numpy in the shapes of `abstract` (norm scales 1,
+    integers 0). Compiling the real init of a whole autoencoder takes about a minute on 2 cores;
+    tests of what reads a checkpoint, or of a train step, only need some weights."""
     rng = np.random.default_rng(0)
 
     def leaf(path, a):
@@ -113,7 +153,12 @@ def synthetic_state(abstract):
         fan_in = int(np.prod(a.shape[:-1])) or 1
         return (rng.standard_normal(a.shape) / np.sqrt(fan_in)).astype(a.dtype)
 
-    state = jax.tree_util.tree_map_with_path(leaf, abstract)
+    return jax.tree_util.tree_map_with_path(leaf, abstract)
+
+
+def synthetic_state(abstract):
+    """A train state of `synthetic_weights`, EMA != params, in the shapes of `abstract`."""
+    state = synthetic_weights(abstract)
     state["ema"] = jax.tree.map(lambda p: 0.9 * p + 0.02, state["params"])
     return state
 

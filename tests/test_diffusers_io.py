@@ -11,51 +11,15 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.numpy import load_file, save_file
 
-from dgae_jax import config_lib, diffusers_io, trainer, validation
+from dgae_jax import diffusers_io, trainer, validation
 from dgae_jax.autoencoder import Autoencoder
 from dgae_jax.errors import ConfigError
 from dgae_jax.steps import build_steps
 from dgae_jax.tasks.ae import AutoencoderTask
 
 from fakes import mesh_of
-from helpers import photo_crops, synthetic_state
-
-SIZE = 32
-# Feature size of the one level with attention: level 1 of 5, so the decoder's is up_blocks.3
-# and a reversed level order would show.
-ATTN = 16
-
-
-def small_config():
-    """The demo conv baseline (5 levels, widths 32..128) at 32 px with attention at one level."""
-    cfg = config_lib.autoencoder_config(16, "demo,decoder=conv")
-    cfg.image_size = SIZE
-    cfg.model.dtype = "float32"
-    cfg.model.encoder.attn_resolutions = (ATTN,)
-    cfg.model.conv_decoder.attn_resolutions = (ATTN,)
-    return cfg
-
-
-def random_diffusers_vae(cfg) -> AutoencoderKL:
-    """An AutoencoderKL of `cfg`'s architecture with every parameter perturbed, so that norm
-    scales, biases and each conv/linear weight differ from their defaults."""
-    enc = cfg.model.encoder
-    levels = range(len(enc.channel_mult))
-    attn = [SIZE // 2**i == ATTN for i in levels]
-    vae = AutoencoderKL(
-        block_out_channels=[enc.width * m for m in enc.channel_mult],
-        down_block_types=["AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in attn],
-        up_block_types=["AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in attn[::-1]],
-        layers_per_block=enc.num_res_blocks, latent_channels=cfg.model.latent_channels,
-        norm_num_groups=cfg.model.norm_groups, sample_size=SIZE)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in vae.parameters():
-            if p.ndim > 1:
-                p.mul_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.add_(0.1 * torch.randn_like(p))
-    return vae.eval()
+from helpers import DIFFUSERS_SIZE as SIZE, diffusers_config as small_config
+from helpers import photo_crops, random_diffusers_vae, synthetic_state
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 against the same mode as 1 process with 8 devices (the same device setup, one process).
 
 One tiny f8 DGAE is trained once for the module (2 processes, 2 steps, a checkpoint per step);
-then: an exact resume of its step 1, `--mode=eval`, `--mode=cache_latents`, a latent DiT trained
+then: an exact resume of its step 1, a decoder trained on its frozen encoder, `--mode=eval`, `--mode=cache_latents`, a latent DiT trained
 on the 2-process cache and `--mode=sample` of it, `python -m dgae_jax.fid`, and a resume refused
 on another process count. Each 2-process result must equal the 1-process one, and only process
 0 writes files.
@@ -241,6 +241,35 @@ def test_two_processes_checkpoint_and_resume_exactly(autoencoder, tmp_path):
     for item in ("params", "ema"):
         assert any(not np.array_equal(x, y) for x, y in
                    zip(jax.tree.leaves(before[item]), jax.tree.leaves(a[item]))), item
+
+
+@pytest.mark.slow
+def test_a_decoder_on_a_frozen_encoder_resumes_exactly_on_two_processes(autoencoder, tmp_path):
+    """configs/sd_decoder.py with the module's run as its frozen encoder, by 2 processes: 2
+    steps, and its step 1 resumed to step 2, equal bit for bit; the encoder in params and EMA
+    is the source run's EMA encoder bit for bit, with no optimiser state; the decoder trained."""
+    args = ["--config=configs/sd_decoder.py:demo", *TINY[1:],
+            f"--config.init.encoder_from={autoencoder}", f"--config.total_steps={STEPS}"]
+    straight = tmp_path / "straight"
+    job([*args, f"--workdir={straight}"])
+    resumed = copy_run(straight, tmp_path / "resumed", steps={1})
+    results = job([*args, f"--workdir={resumed}"])
+    assert all("resumed from the checkpoint of step 1" in r.output for r in results)
+    a, b = saved_state(resumed, STEPS), saved_state(straight, STEPS)
+    paths_a, leaves_a = zip(*jax.tree_util.tree_leaves_with_path(a))
+    paths_b, leaves_b = zip(*jax.tree_util.tree_leaves_with_path(b))
+    assert paths_a == paths_b
+    for path, x, y in zip(paths_a, leaves_a, leaves_b):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+    source = saved_item(autoencoder, STEPS, "ema")["encoder"]
+    for item in ("params", "ema"):
+        for x, y in zip(jax.tree.leaves(a[item]["encoder"]), jax.tree.leaves(source)):
+            np.testing.assert_array_equal(x, y)
+    assert not [p for p in paths_a if jax.tree_util.keystr(p).startswith("['opt_state']")
+                and "encoder" in jax.tree_util.keystr(p)]
+    before = saved_state(resumed, 1)["params"]["decoder"]
+    assert any(not np.array_equal(x, y) for x, y in
+               zip(jax.tree.leaves(before), jax.tree.leaves(a["params"]["decoder"])))
 
 
 @pytest.mark.slow

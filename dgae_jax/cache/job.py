@@ -36,7 +36,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from dgae_jax import checkpoint, parallel, pixels
+from dgae_jax import checkpoint, parallel, pixels, runs
 from dgae_jax.cache import format, writer
 from dgae_jax.cache.format import Shard
 from dgae_jax.data import pipeline, sources
@@ -120,10 +120,7 @@ def restore_encoder(config: ml_collections.ConfigDict, workdir: str,
     mesh = parallel.make_mesh(config.mesh)
     step, _, ema = load_autoencoder(config, workdir, mesh, step, field="cache.step")
     logging.info("cache_latents: the EMA encoder of step %d from %s", step, workdir)
-    encoder = ema["encoder"]
-    if jax.process_count() == 1:
-        return step, jax.device_get(encoder)
-    return step, multihost_utils.process_allgather(encoder, tiled=True)
+    return step, runs.to_host(ema["encoder"])
 
 
 # --------------------------------------------------------------------------- manifest

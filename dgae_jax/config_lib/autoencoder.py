@@ -83,16 +83,22 @@ def autoencoder_config(factor: int, arg: str | None = None) -> ml_collections.Co
     # --mode=export (modes/export.py): format 'dgae' (inference bundle for api.load) or, for
     # decoder=conv, 'diffusers' (an AutoencoderKL directory); dir must not exist yet.
     c.export = dict(dir="", step=config_dict.placeholder(int), format="dgae", stat_images=1024)
-    # Start training from a diffusers AutoencoderKL directory (config.json +
-    # diffusion_pytorch_model.safetensors, e.g. SD's public VAE with configs/f8.py):
-    # encoder_from for the encoder, decoder_from for the conv baseline's decoder.
-    c.init = dict(encoder_from="", decoder_from="")
+    # Start training from pretrained weights. encoder_from: a diffusers AutoencoderKL directory
+    # (config.json + diffusion_pytorch_model.safetensors, e.g. SD's public VAE with
+    # configs/f8.py), one of our autoencoder runs or an exported bundle; decoder_from: a diffusers
+    # directory for the conv baseline's decoder. freeze_encoder: the encoder never trains (no
+    # gradient, optimiser state, EMA update or KL term): the decoder learns to decode exactly
+    # the latents it gives (configs/sd_decoder.py).
+    c.init = dict(encoder_from="", decoder_from="", freeze_encoder=False)
 
     c.model = ml_collections.ConfigDict()
     c.model.spatial_factor = factor
     c.model.latent_channels = int(v.get("c", DEFAULT_CHANNELS[factor]))
     c.model.decoder = decoder  # 'diffusion' = DGAE, 'conv' = the SD-VAE baseline
     c.model.dtype = "bfloat16"  # compute dtype; parameters are always float32
+    # SD's latent convention: scaled latents = latents * scaling_factor (api's scaled=True).
+    # None: taken from init.encoder_from when it declares one (0.18215 for SD 1.x/2.x's VAE).
+    c.model.scaling_factor = config_dict.placeholder(float)
     c.model.norm_groups = 32
     c.model.encoder = dict(width=128, channel_mult=ENCODER_CHANNEL_MULT[factor],
                            num_res_blocks=2, attn_resolutions=ENCODER_ATTN[factor])
@@ -117,6 +123,9 @@ def autoencoder_config(factor: int, arg: str | None = None) -> ml_collections.Co
     c.loss = ml_collections.ConfigDict()
     c.loss.velocity_weight = 1.0  # alpha (gap-fill)
     c.loss.kl_weight = 1e-6  # beta, on the per-image KL sum (SD-VAE's convention)
+    # What the decoder trains on: 'sample' (z ~ q(z|x), as SD-VAE's decoder and the latent
+    # diffusion models that use it are trained) or 'mean' (the posterior mean).
+    c.loss.latents = "sample"
     c.loss.lpips_weight = 0.5  # eta (gap-fill, epsilon-VAE's value)
     c.loss.lpips_net = "vgg16"  # the paper's choice; 'alexnet' is ~15x cheaper
     c.loss.l1_weight = 1.0  # conv baseline only

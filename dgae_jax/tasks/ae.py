@@ -26,6 +26,7 @@ from dgae_jax.metrics import inception_convert, lpips
 from dgae_jax.models.unet import ADM_CHANNEL_MULT, REMAT
 from dgae_jax.costs import hlo_flops
 from dgae_jax.tasks.ae_eval import AutoencoderEvaluator, eval_step
+from dgae_jax.tasks import encoder_source
 from dgae_jax.tasks.base import Run
 
 EVALUATING_MODES = ("train", "eval", "sweep")  # the modes that load the FID Inception for rFID
@@ -38,6 +39,7 @@ class AutoencoderTask:
         self.config = config
         self.model = Autoencoder.from_config(config,
                                              with_lpips=mode not in ("cache_latents", "export"))
+        self.frozen = ("encoder",) if self.model.frozen_encoder else ()
         # Loaded now so that missing weights stop the run at start, not at the first eval.
         evaluates = config.eval.rfid and mode in EVALUATING_MODES
         self.inception_weights = (inception_convert.load_or_convert(
@@ -45,7 +47,15 @@ class AutoencoderTask:
 
     @classmethod
     def complete_config(cls, config: ml_collections.ConfigDict, user_set: dict) -> None:
-        """Its config is complete as given."""
+        """With init.encoder_from: checks that the source's encoder is this config's (a run's
+        config is read through Orbax, so here, once the runtime is up) and, unless given, takes
+        model.scaling_factor from it when it declares one."""
+        source = config.init.encoder_from
+        if not source:
+            return
+        encoder_source.check(source, config)
+        if config.model.get("scaling_factor") is None:
+            config.model.scaling_factor = encoder_source.scaling_factor(source)
 
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict, mode: str) -> None:
@@ -84,15 +94,17 @@ class AutoencoderTask:
                                       self._train_source)
 
     def pretrained_params(self) -> dict:
-        """The modules init.encoder_from / init.decoder_from name (diffusers AutoencoderKL
-        directories, checked at start-up), read now."""
-        loaded = {}
-        for module in ("encoder", "decoder"):
-            path = self.config.init[f"{module}_from"]
-            if path:
-                loaded.update(diffusers_io.load_params(path, self.config, (module,),
-                                                       field=f"init.{module}_from"))
-                logging.info("the %s starts from the AutoencoderKL in %s", module, path)
+        """The modules init.encoder_from (a diffusers directory, a run or a bundle) and
+        init.decoder_from (a diffusers directory) name, checked at start-up, read now."""
+        init, loaded = self.config.init, {}
+        if init.encoder_from:
+            loaded["encoder"] = encoder_source.load(init.encoder_from, self.config)
+            logging.info("the encoder %s from %s", "is frozen, loaded" if self.frozen
+                         else "starts", init.encoder_from)
+        if init.decoder_from:
+            loaded.update(diffusers_io.load_params(init.decoder_from, self.config, ("decoder",),
+                                                   field="init.decoder_from"))
+            logging.info("the decoder starts from the AutoencoderKL in %s", init.decoder_from)
         return loaded
 
     def bad_image_log(self, workdir, process_index: int, process_count: int):
@@ -211,6 +223,9 @@ def _check_model(config) -> None:
                                                         "lpips_weight", "l1_weight",
                                                         "gan_weight")))
     checks.one_of(config.loss.lpips_net, lpips.NETS, "loss.lpips_net")
+    checks.one_of(config.loss.get("latents", "sample"), ("sample", "mean"), "loss.latents")
+    factor = m.get("scaling_factor")
+    require(factor is None or factor > 0, f"model.scaling_factor={factor} is not positive")
 
 
 def _check_data(config) -> None:
@@ -238,10 +253,13 @@ def _check_data(config) -> None:
 
 
 def _check_init(config) -> None:
-    """init.*_from: diffusers AutoencoderKL directories whose architecture is this config's."""
+    """init.*_from: sources whose architecture is this config's; a frozen encoder's source."""
     i = config.init
+    require(bool(i.encoder_from) or not i.freeze_encoder,
+            "init.freeze_encoder=True needs init.encoder_from: a diffusers AutoencoderKL "
+            "directory (e.g. SD's sd-vae-ft-mse), one of our autoencoder runs or a bundle")
     if i.encoder_from:
-        diffusers_io.check_compatible(i.encoder_from, config, ("encoder",), "init.encoder_from")
+        encoder_source.check_path(i.encoder_from, config)
     if i.decoder_from:
         require(config.model.decoder == "conv", "init.decoder_from needs model.decoder='conv' "
                 "(the SD-VAE decoder); DGAE's diffusion decoder trains from scratch")

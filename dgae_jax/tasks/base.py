@@ -73,6 +73,9 @@ class Task(Protocol):
     over. Which modes apply to which tasks is declared by the modes (modes/)."""
 
     model: Any
+    # Top-level parameter modules that never train: in params and EMA as loaded, with no
+    # gradient, optimiser state or EMA update (steps.py); () for most tasks.
+    frozen: tuple[str, ...]
 
     @classmethod
     def complete_config(cls, config: ml_collections.ConfigDict, user_set: dict) -> None:

@@ -61,6 +61,8 @@ def student_config(workdir: str, cache_checkpoint: dict) -> ml_collections.Confi
 
 
 class LatentDiffusionTask:
+    frozen = ()  # the DiT trains whole
+
     def __init__(self, config: ml_collections.ConfigDict, mode: str = "train"):
         """summary, benchmark and compile build the model from config alone; the others open the
         latent cache, and those that evaluate load the FID Inception."""
