@@ -40,9 +40,10 @@ from dgae_jax.tasks.base import Task
 State = dict[str, Any]
 
 
-def trainable(task: Task, params: dict) -> dict:
-    """The modules of `params` that train: all but the task's `frozen` ones."""
-    return {k: v for k, v in params.items() if k not in task.frozen}
+def split_frozen(task: Task, tree: dict) -> tuple[dict, dict]:
+    """(the modules that train, the task's `frozen` ones) of params or EMA."""
+    return ({k: v for k, v in tree.items() if k not in task.frozen},
+            {k: v for k, v in tree.items() if k in task.frozen})
 
 
 def make_init(task: Task, tx: optax.GradientTransformation) -> Callable:
@@ -50,7 +51,7 @@ def make_init(task: Task, tx: optax.GradientTransformation) -> Callable:
         rng_params, rng_train = jax.random.split(rng)
         params = task.init_params(model, rng_params)
         return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "opt_state": tx.init(trainable(task, params)),
+                "opt_state": tx.init(split_frozen(task, params)[0]),
                 "ema": jax.tree.map(jnp.copy, params), "rng": jax.random.key_data(rng_train),
                 "nonfinite": jnp.zeros((), jnp.int32)}
     return init
@@ -63,26 +64,24 @@ def make_train_step(task: Task, tx: optax.GradientTransformation,
     def train_step(model, state: State, batch: dict) -> tuple[State, dict]:
         step = state["step"]
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
-        frozen = {k: v for k, v in state["params"].items() if k in task.frozen}
-        old = trainable(task, state["params"]), trainable(task, state["ema"])
+        params, frozen = split_frozen(task, state["params"])
+        ema, frozen_ema = split_frozen(task, state["ema"])
         (loss, metrics), grads = jax.value_and_grad(
-            lambda p: task.loss_fn(model, {**frozen, **p}, batch, rng, step),
-            has_aux=True)(old[0])
+            lambda p: task.loss_fn(model, {**frozen, **p}, batch, rng, step), has_aux=True)(params)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], old[0])
-        params = optax.apply_updates(old[0], updates)
-        ema = optim.update_ema(old[1], params, optim.ema_decay(config, step))
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        new_ema = optim.update_ema(ema, new_params, optim.ema_decay(config, step))
         # A non-finite loss or gradient leaves the run where it was (selected, not branched:
         # both sides are already computed and the selects fuse into the update).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        params, opt_state, ema = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
-                                              (params, opt_state, ema),
-                                              (old[0], state["opt_state"], old[1]))
+        new_params, opt_state, new_ema = jax.tree.map(
+            lambda n, o: jnp.where(finite, n, o), (new_params, opt_state, new_ema),
+            (params, state["opt_state"], ema))
         metrics = dict(metrics, grad_norm=grad_norm, learning_rate=schedule(step),
                        nonfinite=(~finite).astype(jnp.float32))
-        frozen_ema = {k: v for k, v in state["ema"].items() if k in task.frozen}
-        return dict(state, step=step + 1, params={**frozen, **params}, opt_state=opt_state,
-                    ema={**frozen_ema, **ema},
+        return dict(state, step=step + 1, params={**frozen, **new_params}, opt_state=opt_state,
+                    ema={**frozen_ema, **new_ema},
                     nonfinite=jnp.where(finite, 0, state["nonfinite"] + 1)), metrics
     return train_step
 

@@ -176,6 +176,10 @@ def test_the_conv_baseline_exports_as_a_diffusers_autoencoder(tmp_path):
     card = json.loads((tmp_path / "vae" / "model_card.json").read_text())
     assert card["decoder"] == "conv" and "AutoencoderKL" in (tmp_path / "vae" / "README.md"
                                                              ).read_text()
+    cfg.model.scaling_factor = 0.18215  # a decoder trained on SD's frozen encoder keeps SD's
+    cfg.export.dir = str(tmp_path / "sd")
+    run_mode(cfg, "export", str(tmp_path / "run"))
+    assert json.loads((tmp_path / "sd" / "config.json").read_text())["scaling_factor"] == 0.18215
     cfg.model.decoder = "diffusion"
     cfg.export.dir = str(tmp_path / "other")
     with pytest.raises(ConfigError, match="export.format='diffusers' needs model.decoder='conv'"):

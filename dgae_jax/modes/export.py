@@ -8,8 +8,10 @@ run's evaluation figures of that step (eval/<step>.json, when the run evaluated 
 latent statistics. `api.load(OUT)` then gives the same reconstructions as `api.load(RUN)`.
 
 export.format='diffusers' (the SD-VAE baseline, model.decoder='conv') writes a diffusers
-`AutoencoderKL` directory (diffusers_io.py) with the same card, its `scaling_factor` set to
-1 / (the latents' standard deviation), the convention of Rombach et al. (2022) for SD's 0.18215.
+`AutoencoderKL` directory (diffusers_io.py) with the same card, its `scaling_factor` the run's
+model.scaling_factor when it has one (a decoder trained on SD's frozen encoder keeps SD's
+0.18215, so pipelines built on SD's latents use it unchanged), else 1 / (the latents' standard
+deviation), the convention of Rombach et al. (2022) that gave SD's.
 
 Latent statistics: the posterior means of the first export.stat_images images of the
 evaluation split (the evaluation view), per channel and over all elements.
@@ -112,7 +114,8 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> dict:
         out = bundle.write(e.dir, config, ae.params, ae.step, card, text)
     else:
         out = diffusers_io.save(e.dir, config, jax.device_get(ae.params),
-                                scaling_factor=1.0 / card["latent_statistics"]["std"],
+                                scaling_factor=(config.model.get("scaling_factor")
+                                                or 1.0 / card["latent_statistics"]["std"]),
                                 extra_files={bundle.CARD: json.dumps(card, indent=1),
                                              "README.md": text})
     return {"dir": str(out), "format": e.format, "step": ae.step,
