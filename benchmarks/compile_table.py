@@ -59,12 +59,21 @@ def compile_one(row: str, topology: str, overrides: dict, executables: str) -> d
             "record": json.loads(out.stdout.strip().splitlines()[-1])}
 
 
+def order(entry: dict) -> tuple:
+    """Rows by config, then slice, then setting (default first)."""
+    topology = entry["topology"]
+    return (list(ROWS).index(entry["row"]),
+            TOPOLOGIES.index(topology) if topology in TOPOLOGIES else len(TOPOLOGIES), topology,
+            len(entry["overrides"]), json.dumps(entry["overrides"], sort_keys=True))
+
+
 def table(entries: list[dict]) -> str:
+    """The docs table: one row per compiled (config, slice, setting), in `order`."""
     lines = ["| config | slice | setting | batch / chip | fits | GiB per chip (of HBM) | "
              "TFLOP / step | compute ms | GB accessed / chip | memory ms | roofline MFU | "
              "compile s |",
              "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for e in entries:
+    for e in sorted(entries, key=order):
         r = e["record"]
         step = r["executables"]["train_step"]
         setting = ", ".join(f"{k}={v}" for k, v in e["overrides"].items()) or "default"
