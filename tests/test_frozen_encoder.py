@@ -67,6 +67,7 @@ def assert_same(a, b):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_the_frozen_encoder_never_moves_and_the_decoder_learns_as_in_joint_training(
         diffusers_dir, tmp_path):
     path, vae = diffusers_dir
