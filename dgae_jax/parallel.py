@@ -57,8 +57,9 @@ def initialize_distributed() -> None:
     else:
         try:
             jax.distributed.initialize()
-        except ValueError as e:  # raised at once when no cluster environment is found
-            logging.info("single process (%s)", e)
+        except ValueError:  # raised at once when no cluster environment is found
+            logging.info("one process: no TPU pod, SLURM or MPI job found, and "
+                         "JAX_COORDINATOR_ADDRESS is not set")
             return
     logging.info("process %d of %d, %d of %d devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from clu import parameter_overview, periodic_actions
+from clu import periodic_actions
 
 from dgae_jax import checkpoint, parallel
 from dgae_jax.errors import NonFiniteSteps
@@ -137,6 +137,20 @@ def _finish_saving_after_error(ckpt: checkpoint.Checkpoints, error: BaseExceptio
         ckpt.discard_incomplete()  # nothing is in flight now: a temporary directory is debris
 
 
+def _log_start(config, workdir: str, mesh: jax.sharding.Mesh, params, frozen) -> None:
+    """What runs, in two lines (`--mode=summary` has the table per module and the FLOPs)."""
+    devices = list(mesh.devices.flat)
+    logging.info("%s: %d %s device(s) in %d process(es), mesh %s, %d images per step; "
+                 "writing %s (tensorboard --logdir %s)", config.name, mesh.size,
+                 devices[0].platform, len({d.process_index for d in devices}),
+                 " x ".join(f"{axis} {n}" for axis, n in mesh.shape.items()), config.batch_size,
+                 workdir, workdir)
+    sizes = {m: sum(leaf.size for leaf in jax.tree.leaves(v)) for m, v in params.items()}
+    logging.info("parameters: %s; %.2fM in all", ", ".join(
+        f"{m} {n / 1e6:.2f}M{' (frozen)' if m in frozen else ''}" for m, n in sizes.items()),
+        sum(sizes.values()) / 1e6)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Task,
                        mesh: jax.sharding.Mesh | None = None) -> State:
     """Trains to `config.total_steps`, resuming from the latest checkpoint in `workdir`. Any
@@ -161,7 +175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
         state = _start_from(run_fns.init(model, jax.random.key(config.seed)),
                             task.pretrained_params())
         step = 0
-    parameter_overview.log_parameter_overview(state["params"])
+    _log_start(config, workdir, mesh, state["params"], task.frozen)
     n_devices = mesh.size
     report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
                                              every_steps=config.log_every)

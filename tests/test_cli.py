@@ -27,7 +27,12 @@ def main(*args, check=True):
 @pytest.mark.slow
 def test_demo_trains_and_evaluates(tmp_path, inception_weights):
     workdir = str(tmp_path / "run")
-    main(*demo(), f"--workdir={workdir}", f"--config.eval.inception_weights={inception_weights}")
+    out = main(*demo(), f"--workdir={workdir}",
+               f"--config.eval.inception_weights={inception_weights}")
+    start = out.stderr.split("train step compiled")[0]  # what a user reads before the first step
+    assert "parameters: decoder 0.83M, encoder 1.49M; 2.32M in all" in start
+    assert f"writing {workdir}" in start and "mesh data 1 x fsdp 1" in start
+    assert not any(noise in start for noise in ("oneDNN", "InitializeLog", "| Name", "libtpu"))
     assert sorted(os.listdir(f"{workdir}/checkpoints")) == ["2", "4"]
     results = json.load(open(f"{workdir}/eval/4.json"))
     assert results["num_images"] == 8 and results["step"] == 4
@@ -51,12 +56,14 @@ def test_demo_trains_and_evaluates(tmp_path, inception_weights):
      "unknown data.name='imagenet'"),
     (["--config.eval.inception_weights=/nonexistent.npz"],
      "eval.inception_weights='/nonexistent.npz': no such file"),
+    (["--config.total_step=2"], "no field 'total_step' in the config (Did you mean"),
 ])
 def test_bad_config_is_one_line(tmp_path, overrides, message):
     out = main("--config=configs/f16.py:demo", f"--workdir={tmp_path}", *overrides, check=False)
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("config error:") and message in last, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
 
 
 @pytest.mark.slow
