@@ -12,4 +12,3 @@ _YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 if (_metadata.version("jaxlib").startswith("0.10.")
         and _YNN_FLAG not in _os.environ.get("XLA_FLAGS", "")):
     _os.environ["XLA_FLAGS"] = f"{_os.environ.get('XLA_FLAGS', '')} {_YNN_FLAG}=".strip()
-

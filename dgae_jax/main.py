@@ -5,6 +5,7 @@ tasks in `tasks/`.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging as std_logging
 import os
@@ -26,7 +27,7 @@ def import_tensorflow_quietly() -> None:
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
-            import tensorflow  # noqa: F401
+            importlib.import_module("tensorflow")
         finally:
             os.dup2(saved, 2)
             os.close(saved)
