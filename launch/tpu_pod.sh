@@ -19,7 +19,7 @@
 #                           $BUCKET/runs/$NAME-<config name>, e.g. gs://b/runs/dgae-f16, so the
 #                           cache job (same config) finds the autoencoder it encodes with and a
 #                           rerun resumes from the latest checkpoint.
-#   TFDS_DATA_DIR           default $BUCKET/tfds (ImageNet as TFDS ArrayRecord, README).
+#   TFDS_DATA_DIR           default $BUCKET/tfds (ImageNet as TFDS ArrayRecord, docs/training.md).
 #   INCEPTION_WEIGHTS       the converted FID network (docs/evaluation.md) on this machine,
 #                           default $DGAE_JAX_INCEPTION_WEIGHTS or
 #                           ~/.cache/dgae_jax/inception-2015-12-05.npz; copied to the workers

@@ -119,7 +119,7 @@ def test_any_size_is_the_reflect_padded_image_cropped(ae, photo):
 
 
 def test_float16_is_finite_and_near_float32(run, photo):
-    """README's table bounds float16 at 2 levels and 60 dB against float32 on a trained model;
+    """docs/api.md's table bounds float16 at 2 levels and 60 dB against float32 on a trained model;
     here, on synthetic weights, at most 3 levels and 50 dB."""
     ae, half = run.ae, api.load(run.workdir, dtype="float16")
     assert half.config.model.dtype == "float16" and ae.config.model.dtype == "float32"

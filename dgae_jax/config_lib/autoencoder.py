@@ -56,7 +56,7 @@ def autoencoder_config(factor: int, arg: str | None = None) -> ml_collections.Co
                   rfid=True,  # FID of reconstructions vs inputs (needs converted weights)
                   inception_weights="",  # "" = models/inception.default_weights_path()
                   # --mode=sweep: every steps x sampler x spacing (choose on another split than
-                  # the one reported; README "Choosing the decode setting")
+                  # the one reported; docs/decoding.md)
                   sweep_steps=(1, 2, 4, 8, 16, 25, 50),
                   sweep_samplers=("euler", "heun"),
                   sweep_spacings=("uniform", "reversed_log"))

@@ -20,7 +20,7 @@ VARIANTS = ("demo",)
 
 def distill_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """A student of a trained DGAE (distill.py), with the variants of `arg` ('demo': the schedule
-    measured on the set-up demo's teacher, README "Decoding in one step")."""
+    measured on the set-up demo's teacher, docs/distillation.md)."""
     demo = "demo" in parse_variants(arg, VARIANTS)
     # Sections other than the recipe's: the autoencoder's (demo-sized for the demo), and the
     # teacher's once complete_config has run.
@@ -39,8 +39,8 @@ def distill_config(arg: str | None = None) -> ml_collections.ConfigDict:
         student_steps=(1,),
         # Against the teacher's decode from the same latent and noise (SSDD's terms) ...
         mse_weight=0.0, lpips_weight=0.0,
-        # ... and against the image itself. Measured on the set-up demo's teacher (README
-        # "Decoding in one step"): the image alone beat the teacher's target and the two
+        # ... and against the image itself. Measured on the set-up demo's teacher
+        # (docs/distillation.md): the image alone beat the teacher's target and the two
         # together, at half the time per step (the teacher is not run); not measured at
         # paper scale, where SSDD's mse_weight=1, lpips_weight=0.5 is the alternative.
         gt_mse_weight=1.0, gt_lpips_weight=0.5)
